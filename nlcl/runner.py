@@ -1,0 +1,280 @@
+"""Run a task stream: train on each experience in turn, evaluate every experience after each one.
+
+Data flows one way: config -> stream + model + strategies -> learner -> (this) runner -> metrics
+-> results. The runner owns the protocol:
+  1. evaluate every experience before any training (row 0 of R, for forward transfer);
+  2. for each experience i: seed, train with a fresh Lightning Trainer, evaluate all experiences,
+     append row i+1 of R, and save a resumable state atomically;
+  3. compute the metrics from R and write the run folder.
+A run killed at any point resumes from its last finished experience and ends with the same R,
+because every experience starts from a seed that depends only on (seed, i).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from nlcl import metrics as M
+from nlcl.learner import Learner
+from nlcl.models import build_model, count_parameters
+from nlcl.optim import build_optimizer
+from nlcl.results import (atomic_torch_save, atomic_write_json, atomic_write_text, format_matrix,
+                          plot_accuracy_matrix, safe_torch_load, write_metrics_csv)
+from nlcl.streams import build_stream
+from nlcl.streams.base import TaskStream
+from nlcl.strategies import build_strategy
+
+STATE_FILE = Path("checkpoints") / "state.pt"
+
+
+@dataclass
+class RunParts:
+    stream: TaskStream
+    learner: Learner
+    strategies: list = field(default_factory=list)
+
+
+def _kwargs(node) -> dict:
+    d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    d.pop("name", None)
+    return d
+
+
+def build_parts(cfg: DictConfig) -> RunParts:
+    """Everything that can fail on bad input fails here, before any training or writing."""
+    L.seed_everything(int(cfg.seed), workers=False, verbose=False)
+    task = _kwargs(cfg.task)
+    stream_name = task.pop("stream")
+    stream = build_stream(stream_name, **task)
+    model_kw = _kwargs(cfg.model)
+    in_dim = None
+    if stream.input_kind == "image":
+        in_dim = int(stream.experiences[0].train.x[0].numel())
+    model = build_model(cfg.model.name, input_kind=stream.input_kind, num_classes=stream.num_classes,
+                        vocab_size=stream.vocab_size, in_dim=in_dim, pad_id=stream.pad_id, **model_kw)
+    strategies = [build_strategy(cfg.strategy.name, **_kwargs(cfg.strategy))]
+    optim_kw = _kwargs(cfg.optim)
+
+    def make_optimizer(m):
+        return build_optimizer(m, cfg.optim.name, **optim_kw)
+
+    learner = Learner(model, stream.num_classes, make_optimizer, strategies,
+                      log_every=int(cfg.trainer.log_every))
+    return RunParts(stream, learner, strategies)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset, seen_mask: torch.Tensor, task_classes: list[int],
+             batch_size: int, device) -> tuple[float, float]:
+    """Class-IL accuracy (argmax over every class seen so far) and task-IL accuracy (argmax over the
+    experience's own classes), both from the same logits."""
+    was_training = model.training
+    model.eval()
+    task_mask = torch.zeros_like(seen_mask)
+    task_mask[task_classes] = True
+    correct_cil = torch.zeros((), device=device)
+    correct_til = torch.zeros((), device=device)
+    n = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        logits = model(x).float()
+        correct_cil += (logits.masked_fill(~seen_mask, float("-inf")).argmax(-1) == y).sum()
+        correct_til += (logits.masked_fill(~task_mask, float("-inf")).argmax(-1) == y).sum()
+        n += len(y)
+    model.train(was_training)
+    return (correct_cil / n).item(), (correct_til / n).item()
+
+
+def evaluate_all(learner: Learner, stream: TaskStream, batch_size: int, seen_upto: int) -> tuple[list, list]:
+    device = learner.device
+    seen = torch.zeros(stream.num_classes, dtype=torch.bool, device=device)
+    if seen_upto < 0:  # before any training nothing is seen: predict over every class
+        seen[:] = True
+    else:
+        seen[stream.classes_seen(seen_upto)] = True
+    cil, til = [], []
+    for e in stream.experiences:
+        a, b = evaluate(learner.model, e.test, seen, e.classes, batch_size, device)
+        cil.append(a)
+        til.append(b)
+    return cil, til
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """Hash of everything that changes the result (not where it is written or how it is logged)."""
+    d = OmegaConf.to_container(cfg, resolve=True)
+    for k in ("run_dir", "logger", "experiment_name"):
+        d.pop(k, None)
+    d.get("trainer", {}).pop("progress_bar", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def versions() -> dict:
+    import lightning
+    import torchmetrics
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "lightning": lightning.__version__,
+            "torchmetrics": torchmetrics.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = []
+    if cfg.logger.get("csv", True):
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
+    if cfg.logger.get("wandb", False):
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_MODE", cfg.logger.get("wandb_mode", "offline"))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(WandbLogger(project=cfg.logger.get("project", "nlcl"), save_dir=str(run_dir),
+                                   name=run_dir.name, offline=os.environ["WANDB_MODE"] == "offline"))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return loggers
+
+
+def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
+    """Run (or resume) the experiment described by `cfg`; returns the results dict."""
+    parts = build_parts(cfg)
+    stream, learner, strategies = parts.stream, parts.learner, parts.strategies
+    run_dir = Path(cfg.run_dir)
+    fingerprint = config_fingerprint(cfg)
+    state_path = run_dir / STATE_FILE
+    say = (lambda *a: None) if quiet else print
+
+    R_cil: list[list[float]] = []
+    R_til: list[list[float]] = []
+    timings: list[dict] = []
+    curves: list[dict] = []
+    start_exp = 0
+    if state_path.exists():
+        state = safe_torch_load(state_path)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"run_dir '{run_dir}' holds a run of a different configuration "
+                             f"(fingerprint {state['fingerprint']} vs {fingerprint}); choose another run_dir")
+        learner.load_run_state(state["learner"])
+        R_cil, R_til = state["R_cil"], state["R_til"]
+        timings, curves = state["timings"], state.get("curves", [])
+        start_exp = len(R_cil) - 1
+        say(f"[nlcl] resuming {run_dir} after experience {start_exp - 1} ({start_exp}/{len(stream)} done)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    tcfg = cfg.trainer
+    device = torch.device("cuda" if tcfg.accelerator in ("gpu", "cuda") or
+                          (tcfg.accelerator == "auto" and torch.cuda.is_available()) else "cpu")
+    learner.to(device)
+    if not R_cil:  # the before-training row
+        cil, til = evaluate_all(learner, stream, int(tcfg.eval_batch_size), seen_upto=-1)
+        R_cil, R_til = [cil], [til]
+    loggers = make_loggers(cfg, run_dir)
+    n_params = count_parameters(learner.model)
+    say(f"[nlcl] {cfg.model.name} ({n_params:,} parameters) x {cfg.strategy.name} on {stream.name} "
+        f"({len(stream)} experiences) -> {run_dir}")
+
+    for i in range(start_exp, len(stream)):
+        L.seed_everything(int(cfg.seed) * 1000 + i, workers=False, verbose=False)
+        exp = stream.experiences[i]
+        learner.start_experience(i, stream.classes_seen(i))
+        for s in strategies:
+            s.before_experience(learner, stream, i)
+        train_set = strategies[0].train_dataset(stream, i)
+        t0 = time.perf_counter()
+        steps_before = learner.total_steps
+        if len(train_set) > 0:
+            loader = DataLoader(train_set, batch_size=int(tcfg.batch_size), shuffle=True, drop_last=False,
+                                generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + i))
+            trainer = L.Trainer(max_epochs=int(tcfg.epochs), accelerator="gpu" if device.type == "cuda" else "cpu",
+                                devices=1, precision=tcfg.precision, logger=loggers or False,
+                                callbacks=[*strategies, *callbacks], enable_checkpointing=False,
+                                enable_model_summary=False, num_sanity_val_steps=0,
+                                enable_progress_bar=bool(tcfg.progress_bar) and not quiet,
+                                gradient_clip_val=tcfg.gradient_clip or None,
+                                limit_train_batches=tcfg.get("limit_train_batches") or 1.0,
+                                default_root_dir=str(run_dir))
+            trainer.fit(learner, train_dataloaders=loader)
+            if trainer.interrupted:
+                raise KeyboardInterrupt(f"training interrupted during experience {i}")
+        t1 = time.perf_counter()
+        for s in strategies:
+            s.after_experience(learner, stream, i)
+        cil, til = evaluate_all(learner, stream, int(tcfg.eval_batch_size), seen_upto=i)
+        t2 = time.perf_counter()
+        R_cil.append(cil)
+        R_til.append(til)
+        timings.append({"experience": i, "train_s": t1 - t0, "eval_s": t2 - t1,
+                        "steps": learner.total_steps - steps_before,
+                        "train_samples": len(train_set) * int(tcfg.epochs)})
+        for lg in loggers:
+            lg.log_metrics({f"eval/acc_exp{j}": v for j, v in enumerate(cil)}
+                           | {"eval/acc_avg_seen": sum(cil[: i + 1]) / (i + 1), "experience": i},
+                           step=learner.total_steps)
+        say(f"[nlcl] experience {i} ({exp.name}): trained {learner.total_steps - steps_before} steps in "
+            f"{t1 - t0:.1f}s; accuracy on seen experiences {100 * sum(cil[: i + 1]) / (i + 1):.1f}%")
+        atomic_torch_save(state_path, {"fingerprint": fingerprint, "learner": learner.run_state(),
+                                       "R_cil": R_cil, "R_til": R_til, "timings": timings, "curves": curves})
+
+    results = finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir)
+    for lg in loggers:
+        lg.log_metrics({f"final/{k}": v for k, v in results["metrics"].items() if isinstance(v, float)},
+                       step=learner.total_steps)
+        lg.finalize("success")
+    if cfg.logger.get("wandb", False):
+        import wandb
+
+        wandb.finish(quiet=True)
+    if not quiet:
+        print_summary(results, run_dir)
+    return results
+
+
+def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir: Path) -> dict:
+    metrics = M.all_metrics(torch.tensor(R_cil))
+    metrics_til = {f"{k}_task_il": v for k, v in M.all_metrics(torch.tensor(R_til)).items()}
+    telemetry = {}
+    stats = getattr(learner.optimizer, "level_stats", None)
+    if stats is not None:
+        telemetry = {lvl: {k: float(v) for k, v in d.items()} for lvl, d in stats().items()}
+    results = {
+        "status": "finished", "stream": stream.name, "model": cfg.model.name, "strategy": cfg.strategy.name,
+        "optim": cfg.optim.name, "variant": str(cfg.get("variant", "") or ""), "seed": int(cfg.seed), "n_parameters": n_params,
+        "accuracy_matrix": R_cil, "accuracy_matrix_task_il": R_til,
+        "metrics": {**metrics, **metrics_til},
+        "experiences": [{"index": e.index, "name": e.name, "classes": list(e.classes),
+                         "task_label": e.task_label, "n_train": len(e.train), "n_test": len(e.test)}
+                        for e in stream.experiences],
+        "timings": {"experiences": timings, "train_s": sum(t["train_s"] for t in timings),
+                    "eval_s": sum(t["eval_s"] for t in timings)},
+        "total_steps": learner.total_steps, "level_telemetry": telemetry, "curves": curves,
+        "versions": versions(), "config_fingerprint": config_fingerprint(cfg),
+    }
+    atomic_write_json(run_dir / "results.json", results)
+    write_metrics_csv(run_dir / "metrics.csv", results["metrics"])
+    plot_accuracy_matrix(R_cil, run_dir / "accuracy_matrix.png",
+                         title=f"{cfg.model.name} / {cfg.strategy.name} on {stream.name} (class-IL)",
+                         col_labels=[e.name for e in stream.experiences])
+    return results
+
+
+def print_summary(results: dict, run_dir: Path) -> None:
+    print("\nAccuracy matrix R (class-incremental, %): rows = trained up to, columns = evaluated on")
+    print(format_matrix(results["accuracy_matrix"], col_labels=[e["name"] for e in results["experiences"]]))
+    keys = ["acc_final", "acc_avg_incremental", "bwt", "fwt", "forgetting_max", "forgetting_first", "learning_accuracy"]
+    print("\n" + "  ".join(f"{k}={100 * results['metrics'][k]:.2f}" for k in keys))
+    print(f"task-IL acc_final={100 * results['metrics']['acc_final_task_il']:.2f}; "
+          f"train {results['timings']['train_s']:.1f}s, eval {results['timings']['eval_s']:.1f}s")
+    print(f"[nlcl] results in {run_dir}/ (results.json, metrics.csv, accuracy_matrix.png, logs/, wandb/)")

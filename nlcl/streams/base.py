@@ -1,0 +1,96 @@
+"""Task streams: an ordered list of experiences, each with train/test data and the classes it adds."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import Dataset
+
+
+class StreamError(ValueError):
+    """A stream that cannot be trained on; the message names the experience, field or file."""
+
+
+class TensorPairDataset(Dataset):
+    """(x, y) pairs held as two tensors; indexing returns a pair, slicing stays cheap."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        if len(x) != len(y):
+            raise StreamError(f"inputs and labels differ in length: {len(x)} vs {len(y)}")
+        self.x, self.y = x, y.long()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+    def subset(self, index: torch.Tensor) -> "TensorPairDataset":
+        return TensorPairDataset(self.x[index], self.y[index])
+
+
+@dataclass
+class Experience:
+    index: int
+    name: str
+    classes: list[int]
+    train: TensorPairDataset
+    test: TensorPairDataset
+    task_label: int = 0
+
+
+@dataclass
+class TaskStream:
+    """An ordered list of experiences over a shared label space of `num_classes` classes.
+
+    `input_kind` is "tokens" (x: LongTensor [N, L], right-padded with `pad_id`) or "image"
+    (x: FloatTensor [N, ...]).
+    """
+
+    name: str
+    experiences: list[Experience]
+    num_classes: int
+    input_kind: str = "tokens"
+    vocab_size: int | None = None
+    pad_id: int = 0
+    class_names: list[str] = field(default_factory=list)
+    scenario: str = "class_incremental"
+
+    def __len__(self) -> int:
+        return len(self.experiences)
+
+    def classes_seen(self, upto: int) -> list[int]:
+        """Classes of experiences 0..upto inclusive."""
+        seen: list[int] = []
+        for e in self.experiences[: upto + 1]:
+            seen.extend(c for c in e.classes if c not in seen)
+        return seen
+
+    def validate(self) -> "TaskStream":
+        if not self.experiences:
+            raise StreamError(f"stream '{self.name}': has no experiences")
+        seen: dict[int, str] = {}
+        for e in self.experiences:
+            if len(e.train) == 0:
+                raise StreamError(f"stream '{self.name}': experience {e.index} ('{e.name}') has an empty training set")
+            if len(e.test) == 0:
+                raise StreamError(f"stream '{self.name}': experience {e.index} ('{e.name}') has an empty test set")
+            if not e.classes:
+                raise StreamError(f"stream '{self.name}': experience {e.index} ('{e.name}') introduces no classes")
+            bad = [c for c in e.classes if not 0 <= c < self.num_classes]
+            if bad:
+                raise StreamError(f"stream '{self.name}': experience {e.index} has classes {bad} outside 0..{self.num_classes - 1}")
+            if self.scenario == "class_incremental":
+                for c in e.classes:
+                    if c in seen:
+                        raise StreamError(
+                            f"stream '{self.name}': class {c} appears in experience {e.index} ('{e.name}') "
+                            f"and in '{seen[c]}': class-incremental experiences must not overlap")
+                    seen[c] = e.name
+            for split, ds in (("train", e.train), ("test", e.test)):
+                labels = set(torch.unique(ds.y).tolist())
+                if not labels <= set(e.classes):
+                    raise StreamError(
+                        f"stream '{self.name}': experience {e.index} {split} set has labels "
+                        f"{sorted(labels - set(e.classes))} not in its classes")
+        return self

@@ -1,0 +1,140 @@
+"""The engine end to end: a real Lightning run on real data, resume after a kill, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from nlcl.config import ConfigError, compose, validate
+from nlcl.results import safe_torch_load
+from nlcl.runner import STATE_FILE, run
+from tests.conftest import tiny_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cfg(run_dir, *extra):
+    return validate(compose(tiny_overrides(run_dir, *extra)))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "naive"
+    return run(_cfg(run_dir), quiet=True), run_dir
+
+
+def test_run_writes_every_result(finished_run):
+    res, run_dir = finished_run
+    for name in ("config.yaml", "results.json", "metrics.csv", "accuracy_matrix.png", STATE_FILE):
+        assert (run_dir / name).exists(), name
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    R = on_disk["accuracy_matrix"]
+    assert len(R) == 11 and all(len(row) == 10 for row in R)  # before-training row + 10 experiences
+    assert len(on_disk["accuracy_matrix_task_il"]) == 11
+    for key in ("acc_final", "acc_avg_incremental", "bwt", "fwt", "forgetting_max", "forgetting_first",
+                "learning_accuracy"):
+        assert key in on_disk["metrics"]
+    assert [e["name"] for e in on_disk["experiences"]][:2] == [e["name"] for e in res["experiences"]][:2]
+    assert on_disk["versions"]["torch"] == torch.__version__
+
+
+def test_every_experience_trains_and_steps_are_monotone(finished_run):
+    res, run_dir = finished_run
+    steps = [t["steps"] for t in res["timings"]["experiences"]]
+    assert all(s > 0 for s in steps), steps  # a second fit on a finished Trainer would train 0 steps
+    assert res["total_steps"] == sum(steps)
+    logged = (run_dir / "logs" / "metrics.csv").read_text().splitlines()
+    header = logged[0].split(",")
+    step_col = header.index("step")
+    logged_steps = [int(float(line.split(",")[step_col])) for line in logged[1:] if line.split(",")[step_col]]
+    assert logged_steps == sorted(logged_steps) and max(logged_steps) == res["total_steps"]
+
+
+def test_class_il_is_harder_than_task_il_and_future_is_zero(finished_run):
+    res, _ = finished_run
+    R, R_til = torch.tensor(res["accuracy_matrix"]), torch.tensor(res["accuracy_matrix_task_il"])
+    assert torch.all(R_til >= R - 1e-9)  # masking to fewer classes can only help
+    # class-IL: experiences not yet seen cannot be predicted at all
+    for i in range(1, 10):
+        assert torch.all(R[i, i:] == 0)
+    assert R[10, 9] > 0.3  # the last experience was just learned (chance is 1/150 in class-IL)
+
+
+def test_resume_after_failure_gives_same_matrix(finished_run, tmp_path):
+    res, _ = finished_run
+    run_dir = tmp_path / "resumed"
+
+    class Crash(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if pl_module.experience == 4:
+                raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(_cfg(run_dir), callbacks=[Crash()], quiet=True)
+    state = safe_torch_load(run_dir / STATE_FILE)
+    assert len(state["R_cil"]) == 5  # before-row + experiences 0..3 finished
+    assert not (run_dir / "results.json").exists()
+    resumed = run(_cfg(run_dir), quiet=True)
+    assert resumed["accuracy_matrix"] == res["accuracy_matrix"]
+    assert resumed["total_steps"] == res["total_steps"]
+
+
+def test_sigkill_leaves_a_resumable_state(finished_run, tmp_path):
+    """A real process killed with SIGKILL mid-stream: what it wrote stays readable and resumes exactly."""
+    res, _ = finished_run
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "nlcl.cli", "run", *tiny_overrides(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    state_path = run_dir / STATE_FILE
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state_path.exists() and len(safe_torch_load(state_path)["R_cil"]) >= 4:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state_path.exists()
+    assert not list(state_path.parent.glob("*.tmp"))  # or if left, it is a temp file never read
+    resumed = run(_cfg(run_dir), quiet=True)
+    assert resumed["accuracy_matrix"] == res["accuracy_matrix"]
+
+
+def test_resume_refuses_a_different_config(finished_run, tmp_path):
+    _, run_dir = finished_run
+    with pytest.raises(ValueError, match="different configuration"):
+        run(_cfg(run_dir, "optim.lr=0.5"), quiet=True)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("model.name=nosuchmodel", "model.name"),
+    ("strategy.name=nosuch", "strategy.name"),
+    ("task.stream=nosuch", "task.stream"),
+    ("trainer.epochs=0", "trainer.epochs"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("optim.lr=-1", "optim.lr"),
+])
+def test_bad_config_names_the_field(tmp_path, override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate(compose(tiny_overrides(tmp_path / "x", override)))
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_bad_model_field_fails_before_writing(tmp_path):
+    cfg = _cfg(tmp_path / "x", "+model.no_such_field=3")
+    with pytest.raises(ValueError, match="no_such_field"):
+        run(cfg, quiet=True)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_reports_bad_input_clearly(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "nlcl.cli", "run", *tiny_overrides(tmp_path / "y", "strategy.name=bogus")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "strategy.name" in out.stderr and "bogus" in out.stderr and "Traceback" not in out.stderr
