@@ -57,8 +57,8 @@ def _check(cond: bool, msg: str) -> None:
 def validate(cfg: DictConfig) -> DictConfig:
     """Raise ConfigError naming the field for anything that cannot work; return cfg unchanged."""
     from nlcl.models import model_names
-    from nlcl.optim import optimizer_names
-    from nlcl.streams import stream_names
+    from nlcl.optim import OPTIMIZERS
+    from nlcl.streams import STREAMS
     from nlcl.strategies import strategy_names
 
     for section, schema in (("trainer", TrainerConfig), ("logger", LoggerConfig)):
@@ -74,10 +74,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(t.gradient_clip is None or float(t.gradient_clip) >= 0, "trainer.gradient_clip: must be >= 0 or null")
     _check(isinstance(cfg.get("seed"), int) and cfg.seed >= 0, f"seed: must be a non-negative integer, got {cfg.get('seed')!r}")
     _check("stream" in cfg.task, "task.stream: missing; every task file names its stream")
-    _check(cfg.task.stream in stream_names(), f"task.stream: unknown stream '{cfg.task.stream}'; allowed: {stream_names()}")
+    _check(cfg.task.stream in sorted(STREAMS), f"task.stream: unknown stream '{cfg.task.stream}'; allowed: {sorted(STREAMS)}")
     _check(cfg.model.name in model_names(), f"model.name: unknown model '{cfg.model.name}'; allowed: {model_names()}")
     _check(cfg.strategy.name in strategy_names(), f"strategy.name: unknown strategy '{cfg.strategy.name}'; allowed: {strategy_names()}")
-    _check(cfg.optim.name in optimizer_names(), f"optim.name: unknown optimizer '{cfg.optim.name}'; allowed: {optimizer_names()}")
+    _check(cfg.optim.name in sorted(OPTIMIZERS), f"optim.name: unknown optimizer '{cfg.optim.name}'; allowed: {sorted(OPTIMIZERS)}")
     _check(float(cfg.optim.lr) > 0, f"optim.lr: must be > 0, got {cfg.optim.lr}")
     return cfg
 

@@ -22,12 +22,14 @@ NEG = -1e9  # stand-in for -inf that keeps softmax finite in every dtype we use
 class Learner(L.LightningModule):
     def __init__(self, model: nn.Module, num_classes: int,
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 strategies: Sequence = (), log_every: int = 25, mask_unseen: bool = True):
+                 strategies: Sequence = (), log_every: int = 25, mask_unseen: bool = True,
+                 objective: str = "classify"):
         super().__init__()
         self.model = model
         self.strategies = list(strategies)
         self.log_every = log_every
         self.mask_unseen = mask_unseen
+        self.objective = objective
         self.register_buffer("seen_mask", torch.zeros(num_classes, dtype=torch.bool))
         self.optimizer = make_optimizer(model)  # built once: its state lives across experiences
         self.total_steps = 0
@@ -54,6 +56,8 @@ class Learner(L.LightningModule):
         return logits.masked_fill(~mask, NEG)
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.objective == "lm":  # next-token targets aligned with inputs, -100 where no loss
+            return F.cross_entropy(logits.flatten(0, -2).float(), y.flatten(), ignore_index=-100)
         return F.cross_entropy(self.masked(logits), y)
 
     def training_step(self, batch, batch_idx):

@@ -62,7 +62,8 @@ def build_parts(cfg: DictConfig) -> RunParts:
     if stream.input_kind == "image":
         in_dim = int(stream.experiences[0].train.x[0].numel())
     model = build_model(cfg.model.name, input_kind=stream.input_kind, num_classes=stream.num_classes,
-                        vocab_size=stream.vocab_size, in_dim=in_dim, pad_id=stream.pad_id, **model_kw)
+                        vocab_size=stream.vocab_size, in_dim=in_dim, pad_id=stream.pad_id,
+                        task="lm" if stream.objective == "lm" else "classify", **model_kw)
     strategies = [build_strategy(cfg.strategy.name, **_kwargs(cfg.strategy))]
     optim_kw = _kwargs(cfg.optim)
 
@@ -70,7 +71,7 @@ def build_parts(cfg: DictConfig) -> RunParts:
         return build_optimizer(m, cfg.optim.name, **optim_kw)
 
     learner = Learner(model, stream.num_classes, make_optimizer, strategies,
-                      log_every=int(cfg.trainer.log_every))
+                      log_every=int(cfg.trainer.log_every), objective=stream.objective)
     return RunParts(stream, learner, strategies)
 
 
@@ -98,6 +99,13 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, seen_mask: torch.Tensor, 
 
 def evaluate_all(learner: Learner, stream: TaskStream, batch_size: int, seen_upto: int) -> tuple[list, list]:
     device = learner.device
+    if stream.scorer is not None:  # e.g. exact match or perplexity; no class-IL/task-IL split
+        was_training = learner.model.training
+        learner.model.eval()
+        with torch.no_grad():
+            scores = [float(stream.scorer(learner.model, e)) for e in stream.experiences]
+        learner.model.train(was_training)
+        return scores, list(scores)
     seen = torch.zeros(stream.num_classes, dtype=torch.bool, device=device)
     if seen_upto < 0:  # before any training nothing is seen: predict over every class
         seen[:] = True
@@ -236,15 +244,16 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
     if cfg.logger.get("wandb", False):
         import wandb
 
-        wandb.finish(quiet=True)
+        wandb.finish()
     if not quiet:
         print_summary(results, run_dir)
     return results
 
 
 def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir: Path) -> dict:
-    metrics = M.all_metrics(torch.tensor(R_cil))
-    metrics_til = {f"{k}_task_il": v for k, v in M.all_metrics(torch.tensor(R_til)).items()}
+    hib = stream.higher_is_better
+    metrics = M.all_metrics(torch.tensor(R_cil), higher_is_better=hib)
+    metrics_til = {f"{k}_task_il": v for k, v in M.all_metrics(torch.tensor(R_til), higher_is_better=hib).items()}
     telemetry = {}
     stats = getattr(learner.optimizer, "level_stats", None)
     if stats is not None:
@@ -252,6 +261,7 @@ def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_di
     results = {
         "status": "finished", "stream": stream.name, "model": cfg.model.name, "strategy": cfg.strategy.name,
         "optim": cfg.optim.name, "variant": str(cfg.get("variant", "") or ""), "seed": int(cfg.seed), "n_parameters": n_params,
+        "score_name": stream.metric_name, "higher_is_better": hib,
         "accuracy_matrix": R_cil, "accuracy_matrix_task_il": R_til,
         "metrics": {**metrics, **metrics_til},
         "experiences": [{"index": e.index, "name": e.name, "classes": list(e.classes),

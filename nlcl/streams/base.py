@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -45,6 +46,13 @@ class TaskStream:
 
     `input_kind` is "tokens" (x: LongTensor [N, L], right-padded with `pad_id`) or "image"
     (x: FloatTensor [N, ...]).
+
+    `objective` says how the learner trains on it:
+    - "classify": y is a class id per sample; models return logits [B, num_classes];
+    - "lm": y is a LongTensor [N, L] of next-token targets aligned with x (-100 = no loss there);
+      models are causal LMs returning [B, L, vocab]. Such streams bring a `scorer(model,
+      experience) -> float` that fills R (exact match, accuracy of ranked answers, perplexity...),
+      and say whether that score is `higher_is_better`.
     """
 
     name: str
@@ -55,6 +63,10 @@ class TaskStream:
     pad_id: int = 0
     class_names: list[str] = field(default_factory=list)
     scenario: str = "class_incremental"
+    objective: str = "classify"
+    scorer: Callable | None = None
+    metric_name: str = "accuracy"
+    higher_is_better: bool = True
 
     def __len__(self) -> int:
         return len(self.experiences)
@@ -80,6 +92,8 @@ class TaskStream:
             bad = [c for c in e.classes if not 0 <= c < self.num_classes]
             if bad:
                 raise StreamError(f"stream '{self.name}': experience {e.index} has classes {bad} outside 0..{self.num_classes - 1}")
+            if self.objective == "lm":
+                continue  # classes name the facts/domains an experience adds; labels are tokens
             if self.scenario == "class_incremental":
                 for c in e.classes:
                     if c in seen:
