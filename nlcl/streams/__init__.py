@@ -5,6 +5,9 @@ from typing import Callable
 
 from .base import Experience, StreamError, TaskStream, TensorPairDataset
 from .data_files import find_data_file
+from .knowledge import knowledge_in_context_stream, knowledge_stream
+from .lm_domains import lm_domains_stream
+from .synthetic import formal_languages_stream, mad_stream, mqar_stream, niah_stream
 from .text import banking77_stream, clinc150_stream
 from .tokenizers import (BPETokenizer, ByteTokenizer, Tokenizer, build_tokenizer, check_kwargs, gpt2_tokenizer,
                          train_bpe)
@@ -15,6 +18,13 @@ STREAMS: dict[str, Callable[..., TaskStream]] = {
     "banking77": banking77_stream,
     "split_mnist": split_mnist_stream,
     "permuted_mnist": permuted_mnist_stream,
+    "knowledge": knowledge_stream,
+    "knowledge_in_context": knowledge_in_context_stream,
+    "lm_domains": lm_domains_stream,
+    "niah": niah_stream,
+    "mqar": mqar_stream,
+    "formal_languages": formal_languages_stream,
+    "mad": mad_stream,
 }
 
 
