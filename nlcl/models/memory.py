@@ -72,7 +72,7 @@ class _Writes(NamedTuple):
     State read at position i:  read_state_i W_0 [+ read_momentum_i S_0] + sum_j read_tokens_ij w_j x_j^T
     State at the chunk's end:  end_state W_0 [+ end_momentum S_0] + sum_j end_tokens_j w_j x_j^T
     Momentum at the chunk's end (if any): momentum_state S_0 + sum_j momentum_tokens_j w_j x_j^T
-    All tensors carry the chunk axis N: [B, H, N, C(, C)].
+    _retention_writes returns one _Writes per chunk, fields [B, H(, C(, C))].
     """
     read_state: Tensor
     read_tokens: Tensor
@@ -85,7 +85,7 @@ class _Writes(NamedTuple):
 
 
 def _retention_writes(lr: Tensor, log_retention: Tensor, log_momentum: Tensor | None,
-                      read_after_write: bool, length: int) -> _Writes:
+                      read_after_write: bool, length: int) -> list[_Writes]:
     """Coefficients of W_t = r_t W_{t-1} + lr_t w_t x_t^T, or with momentum
     S_t = m_t S_{t-1} + lr_t w_t x_t^T, W_t = r_t W_{t-1} + S_t. Inputs are chunked [B, H, N, C].
 
@@ -114,25 +114,31 @@ def _retention_writes(lr: Tensor, log_retention: Tensor, log_momentum: Tensor | 
         state = F.pad(state[..., :-1], (1, 0), value=1.0)
         tokens = F.pad(tokens[..., :-1, :], (0, 0, 1, 0))
         momentum = None if momentum is None else F.pad(momentum[..., :-1], (1, 0))
-    return _Writes(state, tokens, end_state, end_tokens, momentum, end_momentum, momentum_state, momentum_tokens)
+    fields = (state, tokens, end_state, end_tokens, momentum, end_momentum, momentum_state, momentum_tokens)
+    # split per chunk once: indexing inside the loop would make autograd scatter into full-size zeros
+    return [_Writes(*per_chunk) for per_chunk in zip(*(_unbind(f, N) for f in fields))]
 
 
-def _read(W0: Tensor, z: Tensor, x: Tensor, w: Tensor, wr: _Writes, n: int, S0: Tensor | None = None) -> Tensor:
-    """W_i z_i for every position i of chunk n. z, x [B, H, C, din]; w [B, H, C, dout]; W0 [B, H, dout, din]."""
-    out = wr.read_state[:, :, n, :, None] * (z @ W0.mT)
+def _unbind(x: Tensor | None, N: int) -> list:
+    """Chunk list along the N axis (dim 2); None stays None for every chunk."""
+    return [None] * N if x is None else list(x.unbind(2))
+
+
+def _read(W0: Tensor, z: Tensor, x: Tensor, w: Tensor, wr: _Writes, S0: Tensor | None = None) -> Tensor:
+    """W_i z_i for every position i of one chunk. z, x [B, H, C, din]; w [B, H, C, dout]; W0 [B, H, dout, din]."""
+    out = wr.read_state[..., None] * (z @ W0.mT)
     if S0 is not None:
-        out = out + wr.read_momentum[:, :, n, :, None] * (z @ S0.mT)
-    return out + ((z @ x.mT) * wr.read_tokens[:, :, n]) @ w
+        out = out + wr.read_momentum[..., None] * (z @ S0.mT)
+    return out + ((z @ x.mT) * wr.read_tokens) @ w
 
 
-def _end(W0: Tensor, x: Tensor, w: Tensor, wr: _Writes, n: int,
-         S0: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """(W, S) at the end of chunk n."""
-    W = wr.end_state[:, :, n, None, None] * W0 + (w * wr.end_tokens[:, :, n, :, None]).mT @ x
+def _end(W0: Tensor, x: Tensor, w: Tensor, wr: _Writes, S0: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(W, S) at the end of one chunk."""
+    W = wr.end_state[..., None, None] * W0 + (w * wr.end_tokens[..., None]).mT @ x
     if S0 is None:
         return W, None
-    W = W + wr.end_momentum[:, :, n, None, None] * S0
-    S = wr.momentum_state[:, :, n, None, None] * S0 + (w * wr.momentum_tokens[:, :, n, :, None]).mT @ x
+    W = W + wr.end_momentum[..., None, None] * S0
+    S = wr.momentum_state[..., None, None] * S0 + (w * wr.momentum_tokens[..., None]).mT @ x
     return W, S
 
 
@@ -170,12 +176,12 @@ def hebbian_rule(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, chunk_si
     B, H, T, dk = k.shape
     dv = v.shape[-1]
     S = _init_state(initial_state, (B, H, dv, dk), v)
-    qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q, k, v))
-    wr = _retention_writes(_to_chunks(b, chunk_size), _to_chunks(a.log(), chunk_size), None, read_after_write, T)
+    chunks = [_to_chunks(x, chunk_size).unbind(2) for x in (q, k, v)]
+    writes = _retention_writes(_to_chunks(b, chunk_size), _to_chunks(a.log(), chunk_size), None, read_after_write, T)
     outs = []
-    for n in range(qc.shape[2]):
-        outs.append(_read(S, qc[:, :, n], kc[:, :, n], vc[:, :, n], wr, n))
-        S, _ = _end(S, kc[:, :, n], vc[:, :, n], wr, n)
+    for qn, kn, vn, wr in zip(*chunks, writes):
+        outs.append(_read(S, qn, kn, vn, wr))
+        S, _ = _end(S, kn, vn, wr)
     return _from_chunks(torch.stack(outs, 2), T), S
 
 
@@ -213,12 +219,12 @@ def _gated_delta(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, chun
     bk = (bc * gamma if start_coef is None else bc * (gamma + _to_chunks(start_coef, chunk_size)))
     values = ut @ (bc.unsqueeze(-1) * vc)          # pseudo-values before the S_0 correction
     keys = ut @ (bk.unsqueeze(-1) * kc)            # u = values - keys S_0^T
-    wr = _retention_writes(torch.ones_like(bc), la, None, read_after_write, T)
+    writes = _retention_writes(torch.ones_like(bc), la, None, read_after_write, T)
     outs = []
-    for n in range(qc.shape[2]):
-        u = values[:, :, n] - keys[:, :, n] @ S.mT
-        outs.append(_read(S, qc[:, :, n], kc[:, :, n], u, wr, n))
-        S, _ = _end(S, kc[:, :, n], u, wr, n)
+    for qn, kn, values_n, keys_n, wr in zip(qc.unbind(2), kc.unbind(2), values.unbind(2), keys.unbind(2), writes):
+        u = values_n - keys_n @ S.mT
+        outs.append(_read(S, qn, kn, u, wr))
+        S, _ = _end(S, kn, u, wr)
     return _from_chunks(torch.stack(outs, 2), T), S
 
 
@@ -329,15 +335,15 @@ def gd_linear(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, chunk_size: int, mome
     if momentum is not None:
         S = _init_state(initial_state.momentum, (B, H, dv, dk), v)
     log_ret = torch.zeros_like(lr) if retention is None else retention.log()
-    wr = _retention_writes(_to_chunks(lr, chunk_size), _to_chunks(log_ret, chunk_size),
-                           None if momentum is None else _to_chunks(momentum.log(), chunk_size), read_after_write, T)
-    qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q, k, v))
+    writes = _retention_writes(_to_chunks(lr, chunk_size), _to_chunks(log_ret, chunk_size),
+                               None if momentum is None else _to_chunks(momentum.log(), chunk_size),
+                               read_after_write, T)
+    chunks = [_to_chunks(x, chunk_size).unbind(2) for x in (q, k, v)]
     outs = []
-    for n in range(qc.shape[2]):
-        kn = kc[:, :, n]
-        w = vc[:, :, n] - kn @ M.mT if objective == "l2" else vc[:, :, n]   # minus the gradient's value side
-        outs.append(_read(M, qc[:, :, n], kn, w, wr, n, S))
-        M, S = _end(M, kn, w, wr, n, S)
+    for qn, kn, vn, wr in zip(*chunks, writes):
+        w = vn - kn @ M.mT if objective == "l2" else vn   # minus the gradient's value side
+        outs.append(_read(M, qn, kn, w, wr, S))
+        M, S = _end(M, kn, w, wr, S)
     return _from_chunks(torch.stack(outs, 2), T), GDState(M, S)
 
 
@@ -435,17 +441,20 @@ def mlp_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, chunk_size: int, ini
     log_ret = _to_chunks(torch.zeros_like(lr) if retention is None else retention.log(), chunk_size)
     log_mom = None if momentum is None else _to_chunks(momentum.log(), chunk_size)
     writes1 = _retention_writes(lrc, log_ret, log_mom, read_after_write, T)
+    N = qc.shape[2]
+    ut = keys2 = [None] * N
     if update == "gd":
         writes2 = writes1
     else:
         b = lrc / log_ret.exp()
         ut = _ut_transform(kc, log_ret, b)
-        keys2 = ut @ ((b * log_ret.cumsum(-1).exp()).unsqueeze(-1) * kc)
+        keys2 = (ut @ ((b * log_ret.cumsum(-1).exp()).unsqueeze(-1) * kc)).unbind(2)
+        ut = ut.unbind(2)
         writes2 = _retention_writes(torch.ones_like(lrc), log_ret, None, read_after_write, T)
 
     outs = []
-    for n in range(qc.shape[2]):
-        qn, kn, vn = qc[:, :, n], kc[:, :, n], vc[:, :, n]
+    per_chunk = zip(qc.unbind(2), kc.unbind(2), vc.unbind(2), lrc.unbind(2), writes1, writes2, ut, keys2)
+    for qn, kn, vn, lrn, wr1, wr2, ut_n, keys2_n in per_chunk:
         # per-token gradients at the chunk-start weights: dL/dy = e, g1 = e h^T, g2 = d2 k^T
         z = kn @ W2.mT
         h = act(z)
@@ -453,12 +462,12 @@ def mlp_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, chunk_size: int, ini
         d2 = (e @ W1) * act_grad(z)
         if update == "gd":
             w2 = -d2
-        else:  # pseudo-values of the W2 delta rule: u = T diag(b)(-alpha d2) - T diag(b Gamma) K W2_0^T
-            w2 = ut[:, :, n] @ (-lrc[:, :, n, :, None] * d2) - keys2[:, :, n] @ W2.mT
-        hq = act(_read(W2, qn, kn, w2, writes2, n, S2))
-        outs.append(qn + _read(W1, hq, h, -e, writes1, n, S1))
-        W2, S2 = _end(W2, kn, w2, writes2, n, S2)
-        W1, S1 = _end(W1, h, -e, writes1, n, S1)
+        else:  # pseudo-values of the W2 delta rule: u = T diag(b) v' - T diag(b Gamma) K W2_0^T, b v' = -eta d2
+            w2 = ut_n @ (-lrn.unsqueeze(-1) * d2) - keys2_n @ W2.mT
+        hq = act(_read(W2, qn, kn, w2, wr2, S2))
+        outs.append(qn + _read(W1, hq, h, -e, wr1, S1))
+        W2, S2 = _end(W2, kn, w2, wr2, S2)
+        W1, S1 = _end(W1, h, -e, wr1, S1)
     return _from_chunks(torch.stack(outs, 2), T), MLPMemoryState(W1, W2, S1, S2)
 
 
