@@ -114,7 +114,7 @@ def format_matrix(R, row_labels=None, col_labels=None, scale: float = 100.0) -> 
     n_cols = len(R[0]) if len(R) else 0
     col_labels = col_labels or [f"e{j}" for j in range(n_cols)]
     row_labels = row_labels or (["init"] + [f"after e{i}" for i in range(len(R) - 1)])
-    width = max(6, max(len(c) for c in col_labels) + 1)
+    width = 8  # names are cut to fit: the order of columns is the order of experiences
     lines = [" " * 10 + "".join(f"{c[:width - 1]:>{width}}" for c in col_labels)]
     for label, row in zip(row_labels, R):
         cells = "".join(f"{'nan' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{scale * v:.1f}':>{width}}"

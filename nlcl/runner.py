@@ -56,7 +56,12 @@ def build_parts(cfg: DictConfig) -> RunParts:
     L.seed_everything(int(cfg.seed), workers=False, verbose=False)
     task = _kwargs(cfg.task)
     stream_name = task.pop("stream")
+    first = task.pop("first_experiences", None)
     stream = build_stream(stream_name, **task)
+    if first is not None:  # a quick run on the head of the stream
+        if int(first) < 1:
+            raise ValueError(f"task.first_experiences: must be >= 1, got {first}")
+        stream.experiences = stream.experiences[: int(first)]
     model_kw = _kwargs(cfg.model)
     in_dim = None
     if stream.input_kind == "image":
