@@ -18,8 +18,12 @@ def register_backbone(name: str, builder: Callable[..., nn.Module]) -> None:
     BACKBONES[name] = builder
 
 
+# name -> builder(num_classes=, pad_id=, **model_kwargs) returning a whole classifier
+CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {}
+
+
 def model_names() -> list[str]:
-    return sorted([*BACKBONES, "mlp"])
+    return sorted([*BACKBONES, *CLASSIFIERS, "mlp"])
 
 
 def build_model(name: str, *, input_kind: str, num_classes: int | None = None, vocab_size: int | None = None,
@@ -29,6 +33,13 @@ def build_model(name: str, *, input_kind: str, num_classes: int | None = None, v
         if input_kind != "image":
             raise ValueError(f"model.name=mlp needs an image stream, got input_kind '{input_kind}'")
         return MLPClassifier(in_dim, num_classes, **kwargs)
+    if name in CLASSIFIERS:
+        if task != "classify":
+            raise ValueError(f"model.name={name} is a classifier; it cannot serve a language-modelling stream")
+        try:
+            return CLASSIFIERS[name](num_classes=num_classes, pad_id=pad_id, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"model '{name}': {e}") from None
     if name not in BACKBONES:
         raise ValueError(f"model.name: unknown model '{name}'; allowed: {model_names()}")
     if input_kind != "tokens":
@@ -53,6 +64,13 @@ def _register_memory_families() -> None:
         register_backbone(family, hope_backbone(family))
     register_backbone("hope_no_cms", hope_ablation(use_cms=False))
     register_backbone("hope_no_dgd", hope_ablation(memory={"update_rule": "gd"}))
+
+    def minilm(**kw):
+        from nlcl.models.minilm import MiniLMClassifier
+
+        return MiniLMClassifier(**kw)
+
+    CLASSIFIERS["minilm"] = minilm
 
 
 _register_memory_families()

