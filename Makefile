@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The default experiment: naive fine-tuning and replay on CLINC150; a second `make run` resumes/reuses
+# the finished runs in runs/default (delete that folder for a fresh start).
 run: $(STAMP)
-	$(BIN)/nlcl run experiment=default
+	$(BIN)/nlcl run -m experiment=default strategy=naive,replay hydra.sweep.dir=runs/default
+	$(BIN)/nlcl report runs/default --out runs/default/report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --timeout=900 tests
