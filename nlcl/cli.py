@@ -16,7 +16,8 @@ commands:
                        e.g. nlcl run task=banking77 model=transformer strategy=replay seed=1
                             nlcl run -m model=hope,transformer strategy=naive,ewc,replay seed=0,1,2
   report PATH...       aggregate runs or sweep folders: table (mean, std, 95% CI), markdown, CSV, plots
-  bench [ARGS]         measure training throughput of the model families (nlcl bench --help)
+  bench [ARGS]         training throughput of the model families (nlcl bench --help)
+  bench loop [ARGS]    overhead of the continual-learning loop vs a plain loop and avalanche-lib
 
 `nlcl run --help` lists the config groups and their options; results go to runs/ (single runs)
 or multirun/ (sweeps), one folder per run.
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return report_main(rest)
     if command == "bench":
+        if rest[:1] == ["loop"]:
+            from nlcl.bench_loop import main as loop_main
+
+            return loop_main(rest[1:])
         from nlcl.bench import main as bench_main
 
         return bench_main(rest)
