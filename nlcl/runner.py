@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,9 +82,29 @@ def build_parts(cfg: DictConfig) -> RunParts:
     return RunParts(stream, learner, strategies)
 
 
+def trim_padding(pad_id: int):
+    """Collate that drops the padding columns every sequence of the batch has (right padding).
+
+    Causal models read a sequence's last real token, so trailing pads never change an output;
+    cutting them saves the work of attending over them.
+    """
+    from torch.utils.data import default_collate
+
+    def collate(items):
+        x, y = default_collate(items)
+        if x.dtype == torch.long and x.dim() == 2:
+            length = int((x != pad_id).any(0).nonzero().max()) + 1 if (x != pad_id).any() else 1
+            x = x[:, :length]
+            if y.dim() == 2:
+                y = y[:, :length]
+        return x, y
+
+    return collate
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset, seen_mask: torch.Tensor, task_classes: list[int],
-             batch_size: int, device) -> tuple[float, float]:
+             batch_size: int, device, pad_id: int = 0) -> tuple[float, float]:
     """Class-IL accuracy (argmax over every class seen so far) and task-IL accuracy (argmax over the
     experience's own classes), both from the same logits."""
     was_training = model.training
@@ -92,7 +114,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, seen_mask: torch.Tensor, 
     correct_cil = torch.zeros((), device=device)
     correct_til = torch.zeros((), device=device)
     n = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=trim_padding(pad_id)):
         x, y = x.to(device), y.to(device)
         logits = model(x).float()
         correct_cil += (logits.masked_fill(~seen_mask, float("-inf")).argmax(-1) == y).sum()
@@ -118,7 +140,7 @@ def evaluate_all(learner: Learner, stream: TaskStream, batch_size: int, seen_upt
         seen[stream.classes_seen(seen_upto)] = True
     cil, til = [], []
     for e in stream.experiences:
-        a, b = evaluate(learner.model, e.test, seen, e.classes, batch_size, device)
+        a, b = evaluate(learner.model, e.test, seen, e.classes, batch_size, device, stream.pad_id)
         cil.append(a)
         til.append(b)
     return cil, til
@@ -160,8 +182,18 @@ def make_loggers(cfg: DictConfig, run_dir: Path):
     return loggers
 
 
+def quiet_lightning() -> None:
+    """One Trainer per experience would repeat Lightning's start-up notes ten times; keep warnings."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
 def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
     """Run (or resume) the experiment described by `cfg`; returns the results dict."""
+    quiet_lightning()
     parts = build_parts(cfg)
     stream, learner, strategies = parts.stream, parts.learner, parts.strategies
     run_dir = Path(cfg.run_dir)
@@ -210,7 +242,8 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
         steps_before = learner.total_steps
         if len(train_set) > 0:
             loader = DataLoader(train_set, batch_size=int(tcfg.batch_size), shuffle=True, drop_last=False,
-                                generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + i))
+                                generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + i),
+                                collate_fn=trim_padding(stream.pad_id))
             trainer = L.Trainer(max_epochs=int(tcfg.epochs), accelerator="gpu" if device.type == "cuda" else "cpu",
                                 devices=1, precision=tcfg.precision, logger=loggers or False,
                                 callbacks=[*strategies, *callbacks], enable_checkpointing=False,
