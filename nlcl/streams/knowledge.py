@@ -110,9 +110,9 @@ def _pick_countries(facts: list[Fact], per_region: int | None, seed: int) -> lis
     return [f for f in facts if (f.region, f.subject) in keep]
 
 
-def _encoder(tokenizer: str | Tokenizer, facts: list[Fact], bpe_vocab_size: int):
-    tok = resolve_tokenizer(tokenizer, [f.prompt + f.answer for f in facts], bpe_vocab_size)
-    return tok
+def _encoder(tokenizer: str | Tokenizer, facts: list[Fact], bpe_vocab_size: int) -> Tokenizer:
+    """`bpe` is trained on the fact sentences themselves (fixed preprocessing, like the other streams)."""
+    return resolve_tokenizer(tokenizer, [f.prompt + f.answer for f in facts], bpe_vocab_size)
 
 
 def _by_region(facts: list[Fact], regions: Sequence[str]) -> list[tuple[str, list[int]]]:
@@ -190,15 +190,14 @@ def candidate_sets(facts: list[Fact], pool: dict[str, list[str]], groups, tok: T
     """Per experience: K sequences per fact (true object first, then seeded distractors drawn from
     `pool`, the relation's distinct objects)."""
     k = _n_candidates(pool, n_candidates)
-    objs = pool
-    answer_ids = {rel: dict(zip(v, tok.encode_many([f" {o}." for o in v]))) for rel, v in objs.items()}
+    answer_ids = {rel: dict(zip(v, tok.encode_many([f" {o}." for o in v]))) for rel, v in pool.items()}
     rng = np.random.default_rng([seed, _SALT_CANDIDATES])
     out = {}
     for index, (_, idx) in enumerate(groups):
         pairs = []
         for i in idx:
             f = facts[i]
-            others = [o for o in objs[f.relation] if o != f.obj]
+            others = [o for o in pool[f.relation] if o != f.obj]
             chosen = [f.obj] + [others[j] for j in rng.choice(len(others), size=k - 1, replace=False)]
             pairs += [lm_example([(prompts[i], False), (answer_ids[f.relation][o], True)], tok.bos_id) for o in chosen]
         out[index] = pad_pairs(pairs)
@@ -245,7 +244,7 @@ def knowledge_in_context_stream(relations: Sequence[str] = ("capital", "currency
                 stated[i] = f.obj
         segments = []
         for i in chosen:
-            segments += [(prompts[i], context_scored), (answer_of[stated[i]], context_scored), (newline, context_scored)]
+            segments += [(ids, context_scored) for ids in (prompts[i], answer_of[stated[i]], newline)]
         for n, i in enumerate(rng.choice(chosen, size=queries_per_context, replace=False).tolist()):
             if n:
                 segments.append((newline, context_scored))

@@ -308,7 +308,8 @@ def _shuffle2_sets(s: str) -> list[set]:
     for ch in s:
         c1 += (ch == "(") - (ch == ")")
         c2 += (ch == "[") - (ch == "]")
-        out.append({"(", "["} | ({")"} if c1 else set()) | ({"]"} if c2 else set()) | ({END} if c1 == c2 == 0 else set()))
+        closes = ({")"} if c1 else set()) | ({"]"} if c2 else set())
+        out.append({"(", "["} | closes | ({END} if c1 == c2 == 0 else set()))
     return out
 
 
