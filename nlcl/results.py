@@ -117,7 +117,7 @@ def format_matrix(R, row_labels=None, col_labels=None, scale: float = 100.0) -> 
     width = 8  # names are cut to fit: the order of columns is the order of experiences
     lines = [" " * 10 + "".join(f"{c[:width - 1]:>{width}}" for c in col_labels)]
     for label, row in zip(row_labels, R):
-        cells = "".join(f"{'nan' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{scale * v:.1f}':>{width}}"
+        cells = "".join(f"{'nan' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{scale * v:.{1 if scale * abs(v) < 1e5 else 0}f}':>{width}}"
                         for v in row)
         lines.append(f"{label[:10]:<10}{cells}")
     return "\n".join(lines)

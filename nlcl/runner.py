@@ -24,6 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
@@ -244,11 +245,13 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
             loader = DataLoader(train_set, batch_size=int(tcfg.batch_size), shuffle=True, drop_last=False,
                                 generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + i),
                                 collate_fn=trim_padding(stream.pad_id))
+            show_bar = bool(tcfg.progress_bar) and not quiet
+            bar = [TQDMProgressBar(refresh_rate=max(1, len(loader) // 20))] if show_bar else []
             trainer = L.Trainer(max_epochs=int(tcfg.epochs), accelerator="gpu" if device.type == "cuda" else "cpu",
                                 devices=1, precision=tcfg.precision, logger=loggers or False,
-                                callbacks=[*strategies, *callbacks], enable_checkpointing=False,
+                                callbacks=[*strategies, *bar, *callbacks], enable_checkpointing=False,
                                 enable_model_summary=False, num_sanity_val_steps=0,
-                                enable_progress_bar=bool(tcfg.progress_bar) and not quiet,
+                                enable_progress_bar=show_bar,
                                 gradient_clip_val=tcfg.gradient_clip or None,
                                 limit_train_batches=tcfg.get("limit_train_batches") or 1.0,
                                 default_root_dir=str(run_dir))
@@ -319,10 +322,16 @@ def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_di
 
 
 def print_summary(results: dict, run_dir: Path) -> None:
-    print("\nAccuracy matrix R (class-incremental, %): rows = trained up to, columns = evaluated on")
-    print(format_matrix(results["accuracy_matrix"], col_labels=[e["name"] for e in results["experiences"]]))
+    fraction = results.get("higher_is_better", True)  # accuracies are fractions, shown as %
+    scale, unit = (100.0, "%") if fraction else (1.0, "")
+    name = results.get("score_name", "accuracy")
+    print(f"\n{name} matrix R ({'class-incremental, ' if name == 'accuracy' else ''}{unit or 'raw'}): "
+          "rows = trained up to, columns = evaluated on")
+    print(format_matrix(results["accuracy_matrix"], col_labels=[e["name"] for e in results["experiences"]], scale=scale))
     keys = ["acc_final", "acc_avg_incremental", "bwt", "fwt", "forgetting_max", "forgetting_first", "learning_accuracy"]
-    print("\n" + "  ".join(f"{k}={100 * results['metrics'][k]:.2f}" for k in keys))
-    print(f"task-IL acc_final={100 * results['metrics']['acc_final_task_il']:.2f}; "
-          f"train {results['timings']['train_s']:.1f}s, eval {results['timings']['eval_s']:.1f}s")
+    print("\n" + "  ".join(f"{k}={scale * results['metrics'][k]:.2f}" for k in keys))
+    if name == "accuracy":
+        print(f"task-IL acc_final={100 * results['metrics']['acc_final_task_il']:.2f}")
+    print(f"train {results['timings']['train_s']:.1f}s, eval {results['timings']['eval_s']:.1f}s, "
+          f"{results['total_steps']} steps")
     print(f"[nlcl] results in {run_dir}/ (results.json, metrics.csv, accuracy_matrix.png, logs/, wandb/)")

@@ -60,11 +60,19 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rope_base = cfg.rope_base
         self.dropout = cfg.dropout
+        self._rope_cache: tuple | None = None
+
+    def rotary(self, T: int, device, dtype):
+        """Tables for the longest length seen so far, sliced: no recomputation per step."""
+        c = self._rope_cache
+        if c is None or c[0].shape[0] < T or c[0].device != device or c[0].dtype != dtype:
+            c = self._rope_cache = rotary_tables(max(T, 64), self.dh, self.rope_base, device, dtype)
+        return c[0][:T], c[1][:T]
 
     def forward(self, x):
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.dh).permute(2, 0, 3, 1, 4)
-        cos, sin = rotary_tables(T, self.dh, self.rope_base, x.device, q.dtype)
+        cos, sin = self.rotary(T, x.device, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)

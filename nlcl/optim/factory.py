@@ -38,6 +38,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
     else:
         cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "delta_momentum": DeltaMomentum,
                "dmgd": DMGD}[name]
+        if name in ("adamw", "sgd"):
+            kw.setdefault("foreach", True)  # multi-tensor kernels; torch picks the slow per-tensor path on CPU
 
         def make(groups):
             return cls(groups, lr=lr, weight_decay=weight_decay, **kw)
