@@ -150,3 +150,14 @@ def test_cli_reports_bad_input_clearly(tmp_path):
                          cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2
     assert "strategy.name" in out.stderr and "bogus" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("model", ["hope", "hope_attention", "titans", "hope_no_cms", "hope_no_dgd"])
+def test_every_family_plugs_into_the_runner(tmp_path, model):
+    """Models are chosen by name only; the learner and runner do not change."""
+    res = run(_cfg(tmp_path / model, f"model={model}", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+                   "+task.first_experiences=2", "task.train_per_class=4", "trainer.epochs=1"), quiet=True)
+    assert res["model"] == model and len(res["accuracy_matrix"]) == 3
+    assert all(t["steps"] > 0 for t in res["timings"]["experiences"])
+    if model in ("hope", "hope_attention", "hope_no_dgd"):  # CMS levels show up as optimizer levels
+        assert {"cms0_p1", "cms1_p8", "cms2_p64"} <= set(res["level_telemetry"])
