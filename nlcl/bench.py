@@ -119,8 +119,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", help="bf16 | fp32 | auto (bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--extra", default="{}", help='JSON of per-family model fields, e.g. {"hope": {"cms": {"periods": [1]}}}')
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": None}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else None)
     rows = []

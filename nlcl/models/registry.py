@@ -49,7 +49,10 @@ def build_model(name: str, *, input_kind: str, num_classes: int | None = None, v
     except TypeError as e:  # an unknown field in the model config
         raise ValueError(f"model '{name}': {e}") from None
     if task == "lm":
-        return CausalLM(backbone, vocab_size)
+        from nlcl.models.incontext import InContextLM, has_token_levels
+
+        # token-unit CMS levels learn in context: both passes run inside the model's forward
+        return (InContextLM if has_token_levels(backbone) else CausalLM)(backbone, vocab_size)
     return SequenceClassifier(backbone, num_classes, pad_id=pad_id)
 
 
