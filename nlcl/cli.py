@@ -7,20 +7,36 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+# conf/hydra/launcher/{joblib,submitit_slurm}.yaml share their names with the plugins' schemas, so
+# Hydra validates them against those schemas (what we want) and warns that this is deprecated
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 USAGE = """usage: nlcl <command> [args]
 
+nlcl trains models (Hope, Titans, Transformer++, ...) on continual-learning task streams and
+compares them: accuracy matrices, forgetting, mean and 95% CI over seeds.
+
 commands:
-  run [OVERRIDES]      train a model on a task stream (Hydra overrides; -m for a sweep)
-                       e.g. nlcl run task=banking77 model=transformer strategy=replay seed=1
-                            nlcl run -m model=hope,transformer strategy=naive,ewc,replay seed=0,1,2
-  report PATH...       aggregate runs or sweep folders: table (mean, std, 95% CI), markdown, CSV, plots
+  run [OVERRIDES]      train a model on a task stream; arguments are Hydra overrides (group=option,
+                       field=value), -m sweeps every combination. `nlcl run --help` lists the groups.
+  report PATH...       aggregate runs or sweep folders: table (mean, std, 95% CI, n seeds), report.md,
+                       report.csv and plots (nlcl report --help)
   bench [ARGS]         training throughput of the model families (nlcl bench --help)
   bench loop [ARGS]    overhead of the continual-learning loop vs a plain loop and avalanche-lib
 
-`nlcl run --help` lists the config groups and their options; results go to runs/ (single runs)
-or multirun/ (sweeps), one folder per run.
+examples:
+  nlcl run task=banking77 model=transformer strategy=replay seed=1
+  nlcl run -m model=transformer,hope strategy=naive,replay seed=0,1,2
+  nlcl report multirun/adhoc/<time>
+
+Single runs go to runs/<experiment_name>/, sweeps to multirun/<experiment_name>/<time>/, one folder
+per run; add hydra/launcher=joblib to a sweep for parallel local runs, hydra/launcher=submitit_slurm
+for a SLURM cluster. notebooks/compare_runs.ipynb shows a sweep's table and plots.
 """
 
 
@@ -54,15 +70,38 @@ def _hydra_run(argv: list[str]) -> int:
         run_dir = Path(cfg.run_dir)
         atomic_write_json(run_dir / "results.json", {
             "status": "failed", "error": f"{type(failure).__name__}: {failure}",
-            "traceback": traceback.format_exc(), "stream": cfg.task.stream, "model": cfg.model.name,
-            "strategy": cfg.strategy.name, "seed": int(cfg.seed),
+            "traceback": traceback.format_exc(), "stream": cfg.task.get("stream"), "model": cfg.model.get("name"),
+            "strategy": cfg.strategy.get("name"), "optim": cfg.optim.get("name"),
+            "variant": str(cfg.get("variant", "") or ""), "seed": cfg.get("seed"),
             "config": OmegaConf.to_container(cfg, resolve=True)})
         print(f"nlcl: run {run_dir.name} failed: {failure} (recorded in {run_dir}/results.json)", file=sys.stderr)
         return None
 
+    if "--help" in argv or "-h" in argv:  # nlcl's own help screen (conf/hydra/help/nlcl.yaml)
+        argv = [*argv, "hydra/help=nlcl"]
+    elif "-m" in argv or "--multirun" in argv:  # say where the sweep is and how to report it
+        argv = [*argv, f"+hydra.callbacks.nlcl_summary._target_={__name__}.SweepSummary"]
     sys.argv = ["nlcl run", *argv]
     app()
     return 0
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a sweep, count finished and failed runs and name the report command."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import json
+
+        sweep = Path(config.hydra.sweep.dir)
+        status = []
+        for f in sorted(sweep.rglob("results.json")):
+            try:
+                status.append(json.loads(f.read_text()).get("status", "finished"))
+            except (OSError, ValueError):
+                status.append("unreadable")
+        failed = len(status) - status.count("finished")
+        print(f"\n[nlcl] sweep done: {status.count('finished')} runs finished, {failed} failed, in {sweep}/\n"
+              f"[nlcl] compare them: nlcl report {sweep}")
 
 
 def main(argv: list[str] | None = None) -> int:
