@@ -37,6 +37,8 @@ class TrainerConfig:
     log_every: int = 25
     progress_bar: bool = True
     limit_train_batches: float | None = None  # a fraction in (0, 1], or (an int) a number of batches
+    eval_every_n_steps: int | None = None  # step-granular evaluation (forgetting curves, stability gap)
+    eval_subsample: int = 100  # test samples per experience for those evaluations
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nlcl.results import _atomic_write_bytes, atomic_write_text, find_runs, format_matrix, load_run
+from nlcl.results import atomic_write_bytes, atomic_write_text, find_runs, format_matrix, load_run
 
 GROUP_KEYS = ["stream", "model", "strategy", "optim", "variant"]
 HEADLINE = ["acc_final", "acc_avg_incremental", "forgetting_max", "forgetting_first", "bwt", "learning_accuracy",
@@ -398,7 +398,7 @@ def fig_level_telemetry(runs: list[dict]):
 def save_figure(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
 
 

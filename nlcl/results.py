@@ -21,9 +21,16 @@ from pathlib import Path
 import torch
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -37,7 +44,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(Path(path), text.encode())
+    atomic_write_bytes(Path(path), text.encode())
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -47,7 +54,7 @@ def atomic_write_json(path: Path, obj) -> None:
 def atomic_torch_save(path: Path, obj) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def safe_torch_load(path: Path):
@@ -123,28 +130,32 @@ def format_matrix(R, row_labels=None, col_labels=None, scale: float = 100.0) -> 
     return "\n".join(lines)
 
 
-def plot_accuracy_matrix(R, path: Path, title: str = "", col_labels=None) -> None:
+def plot_accuracy_matrix(R, path: Path, title: str = "", col_labels=None, percent: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    R = np.asarray(R, dtype=float) * 100
+    R = np.asarray(R, dtype=float) * (100 if percent else 1)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * R.shape[1], 1.0 + 0.45 * R.shape[0]))
-    im = ax.imshow(R, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    # scores that are not percentages (perplexity) get a log colour scale over their own range
+    norm = None if percent else matplotlib.colors.LogNorm(vmin=max(np.nanmin(R), 1e-3), vmax=np.nanmax(R))
+    im = ax.imshow(R, vmin=0 if percent else None, vmax=100 if percent else None, norm=norm,
+                   cmap="viridis" if percent else "viridis_r", aspect="auto")
+    mid = 60 if percent else float(np.sqrt(np.nanmin(R) * np.nanmax(R)))
     for i in range(R.shape[0]):
         for j in range(R.shape[1]):
             ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if R[i, j] < 60 else "black")
+                    color=("white" if R[i, j] < mid else "black") if percent else ("white" if R[i, j] > mid else "black"))
     ax.set_xticks(range(R.shape[1]), col_labels or [str(j) for j in range(R.shape[1])], rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(R.shape[0]), ["init"] + [f"after {i}" for i in range(R.shape[0] - 1)], fontsize=7)
     ax.set_xlabel("evaluated on experience")
     ax.set_ylabel("trained up to")
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.colorbar(im, ax=ax, label="accuracy (%)" if percent else "score")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), buf.getvalue())

@@ -11,6 +11,7 @@ because every experience starts from a seed that depends only on (seed, i).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -147,6 +148,31 @@ def evaluate_all(learner: Learner, stream: TaskStream, batch_size: int, seen_upt
     return cil, til
 
 
+class StepEvaluator(L.Callback):
+    """Every `every` optimizer steps, evaluate every experience on a fixed subsample of its test set.
+
+    Boundary-only evaluation hides the transient drop on old experiences when a new one starts
+    (the stability gap, De Lange et al. 2023); these records show it. Host syncs happen here,
+    between steps, never inside forward or backward.
+    """
+
+    def __init__(self, stream: TaskStream, every: int, subsample: int, batch_size: int, curves: list, seed: int):
+        self.stream, self.every, self.batch_size, self.curves = stream, every, batch_size, curves
+        g = torch.Generator().manual_seed(seed)
+        self.tests = [e.test.subset(torch.randperm(len(e.test), generator=g)[:subsample]) for e in stream.experiences]
+
+    def on_train_batch_end(self, trainer, learner, outputs, batch, batch_idx):
+        step = learner.total_steps + 1  # Lightning runs callbacks before the module's own hook, which counts
+        if step % self.every:
+            return
+        sub = TaskStream(self.stream.name, [dataclasses.replace(e, test=t) for e, t in zip(self.stream.experiences, self.tests)],
+                         self.stream.num_classes, self.stream.input_kind, self.stream.vocab_size, self.stream.pad_id,
+                         scenario=self.stream.scenario, objective=self.stream.objective, scorer=self.stream.scorer)
+        scores, _ = evaluate_all(learner, sub, self.batch_size, seen_upto=learner.experience)
+        self.curves.append({"step": step, "experience": learner.experience, "scores": scores})
+        learner.log_metrics({f"curve/score_exp{j}": v for j, v in enumerate(scores)})
+
+
 def config_fingerprint(cfg: DictConfig) -> str:
     """Hash of everything that changes the result (not where it is written or how it is logged)."""
     d = OmegaConf.to_container(cfg, resolve=True)
@@ -232,6 +258,10 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
     say(f"[nlcl] {cfg.model.name} ({n_params:,} parameters) x {cfg.strategy.name} on {stream.name} "
         f"({len(stream)} experiences) -> {run_dir}")
 
+    step_eval = []
+    if tcfg.get("eval_every_n_steps"):
+        step_eval = [StepEvaluator(stream, int(tcfg.eval_every_n_steps), int(tcfg.get("eval_subsample", 100)),
+                                   int(tcfg.eval_batch_size), curves, int(cfg.seed))]
     for i in range(start_exp, len(stream)):
         L.seed_everything(int(cfg.seed) * 1000 + i, workers=False, verbose=False)
         exp = stream.experiences[i]
@@ -249,7 +279,7 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
             bar = [TQDMProgressBar(refresh_rate=max(1, len(loader) // 20))] if show_bar else []
             trainer = L.Trainer(max_epochs=int(tcfg.epochs), accelerator="gpu" if device.type == "cuda" else "cpu",
                                 devices=1, precision=tcfg.precision, logger=loggers or False,
-                                callbacks=[*strategies, *bar, *callbacks], enable_checkpointing=False,
+                                callbacks=[*strategies, *step_eval, *bar, *callbacks], enable_checkpointing=False,
                                 enable_model_summary=False, num_sanity_val_steps=0,
                                 enable_progress_bar=show_bar,
                                 gradient_clip_val=tcfg.gradient_clip or None,
@@ -316,8 +346,8 @@ def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_di
     atomic_write_json(run_dir / "results.json", results)
     write_metrics_csv(run_dir / "metrics.csv", results["metrics"])
     plot_accuracy_matrix(R_cil, run_dir / "accuracy_matrix.png",
-                         title=f"{cfg.model.name} / {cfg.strategy.name} on {stream.name} (class-IL)",
-                         col_labels=[e.name for e in stream.experiences])
+                         title=f"{cfg.model.name} / {cfg.strategy.name} on {stream.name} ({stream.metric_name})",
+                         col_labels=[e.name for e in stream.experiences], percent=hib)
     return results
 
 

@@ -161,3 +161,15 @@ def test_every_family_plugs_into_the_runner(tmp_path, model):
     assert all(t["steps"] > 0 for t in res["timings"]["experiences"])
     if model in ("hope", "hope_attention", "hope_no_dgd"):  # CMS levels show up as optimizer levels
         assert {"cms0_p1", "cms1_p8", "cms2_p64"} <= set(res["level_telemetry"])
+
+
+def test_step_granular_evaluation_records_curves(tmp_path):
+    res = run(_cfg(tmp_path / "curves", "+task.first_experiences=2", "trainer.eval_every_n_steps=5",
+                   "trainer.eval_subsample=20"), quiet=True)
+    curves = res["curves"]
+    assert [c["step"] for c in curves] == list(range(5, res["total_steps"] + 1, 5))
+    assert all(len(c["scores"]) == 2 for c in curves)
+    # the experience index follows training, and the unseen experience scores 0 in class-IL
+    first = [c for c in curves if c["experience"] == 0]
+    assert first and all(c["scores"][1] == 0 for c in first)
+    assert any(c["experience"] == 1 for c in curves)
