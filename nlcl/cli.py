@@ -40,6 +40,15 @@ for a SLURM cluster. notebooks/compare_runs.ipynb shows a sweep's table and plot
 """
 
 
+def _finished(run_dir: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
 def _hydra_run(argv: list[str]) -> int:
     import hydra
     from omegaconf import DictConfig, OmegaConf
@@ -68,13 +77,15 @@ def _hydra_run(argv: list[str]) -> int:
                 raise
             failure = e
         run_dir = Path(cfg.run_dir)
-        atomic_write_json(run_dir / "results.json", {
+        # a finished result is never replaced by a later failed attempt in the same folder
+        record = run_dir / ("failure.json" if _finished(run_dir) else "results.json")
+        atomic_write_json(record, {
             "status": "failed", "error": f"{type(failure).__name__}: {failure}",
             "traceback": traceback.format_exc(), "stream": cfg.task.get("stream"), "model": cfg.model.get("name"),
             "strategy": cfg.strategy.get("name"), "optim": cfg.optim.get("name"),
             "variant": str(cfg.get("variant", "") or ""), "seed": cfg.get("seed"),
             "config": OmegaConf.to_container(cfg, resolve=True)})
-        print(f"nlcl: run {run_dir.name} failed: {failure} (recorded in {run_dir}/results.json)", file=sys.stderr)
+        print(f"nlcl: run {run_dir.name} failed: {failure} (recorded in {record})", file=sys.stderr)
         return None
 
     if "--help" in argv or "-h" in argv:  # nlcl's own help screen (conf/hydra/help/nlcl.yaml)

@@ -173,12 +173,18 @@ class StepEvaluator(L.Callback):
         learner.log_metrics({f"curve/score_exp{j}": v for j, v in enumerate(scores)})
 
 
+# settings that change how a run is watched, never what it learns or the matrix R it reports
+NOT_FINGERPRINTED = {"": ("run_dir", "logger", "experiment_name", "variant"),
+                     "trainer": ("progress_bar", "log_every", "eval_batch_size", "eval_every_n_steps", "eval_subsample")}
+
+
 def config_fingerprint(cfg: DictConfig) -> str:
-    """Hash of everything that changes the result (not where it is written or how it is logged)."""
+    """Hash of everything that changes the result (not where it is written or how it is watched)."""
     d = OmegaConf.to_container(cfg, resolve=True)
-    for k in ("run_dir", "logger", "experiment_name"):
-        d.pop(k, None)
-    d.get("trainer", {}).pop("progress_bar", None)
+    for section, keys in NOT_FINGERPRINTED.items():
+        node = d.get(section, {}) if section else d
+        for k in keys:
+            node.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

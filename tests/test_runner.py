@@ -173,3 +173,14 @@ def test_step_granular_evaluation_records_curves(tmp_path):
     first = [c for c in curves if c["experience"] == 0]
     assert first and all(c["scores"][1] == 0 for c in first)
     assert any(c["experience"] == 1 for c in curves)
+
+
+def test_failed_attempt_never_replaces_a_finished_result(finished_run):
+    """Re-running a finished folder with another config fails, and the finished result stays."""
+    _, run_dir = finished_run
+    before = (run_dir / "results.json").read_text()
+    out = subprocess.run([sys.executable, "-m", "nlcl.cli", "run", "-m", *tiny_overrides(run_dir, "optim.lr=0.5")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert "different configuration" in out.stderr
+    assert (run_dir / "results.json").read_text() == before
+    assert json.loads((run_dir / "failure.json").read_text())["status"] == "failed"
