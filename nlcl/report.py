@@ -79,7 +79,8 @@ def scale_of(score_name: str | None) -> float:
 # fields of the resolved config that do not make a configuration different: the seed, where and
 # how a run is logged, and the identity keys (compared on their own)
 IGNORED_SETTINGS = ("seed", "run_dir", "experiment_name", "variant", "logger", "trainer.progress_bar",
-                    "task.stream", "model.name", "strategy.name", "optim.name")
+                    "trainer.log_every", "trainer.eval_batch_size", "trainer.eval_every_n_steps",
+                    "trainer.eval_subsample", "task.stream", "model.name", "strategy.name", "optim.name")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
