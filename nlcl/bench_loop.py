@@ -5,7 +5,8 @@ evaluations of every experience after each one):
   plain      a hand-written PyTorch loop (the floor);
   nlcl       `nlcl.runner.run` (Lightning Trainer per experience, strategies, logging, checkpoints);
   avalanche  avalanche-lib's `Naive` strategy with its evaluation plugin (accuracy only, no loggers).
-Each is run `--repeats` times; the table reports the median wall time and the ratio to `plain`.
+All three see the same batches (padding columns trimmed per batch). Each is run `--repeats` times,
+interleaved; the table reports the median wall time and the ratio to `plain`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from nlcl.config import compose, validate
 from nlcl.models import build_model
-from nlcl.runner import evaluate_all, run
+from nlcl.runner import evaluate_all, run, trim_padding
 from nlcl.streams import build_stream
 
 
@@ -67,7 +68,7 @@ def time_plain(args) -> float:
         mask = torch.zeros(stream.num_classes, dtype=torch.bool)
         mask[stream.classes_seen(i)] = True
         loader = DataLoader(exp.train, batch_size=args.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(i))
+                            generator=torch.Generator().manual_seed(i), collate_fn=trim_padding(stream.pad_id))
         model.train()
         for _ in range(args.epochs):
             for x, y in loader:
@@ -89,7 +90,15 @@ def time_avalanche(args) -> float:
     stream, model = _stream_and_model(args)
 
     def av(ds):
-        return _make_taskaware_tensor_classification_dataset(ds.x, ds.y, targets=ds.y.tolist(), task_labels=0)
+        # same batches as the other loops: padding columns trimmed per batch (avalanche adds task labels)
+        trim = trim_padding(stream.pad_id)
+
+        def collate(items):
+            x, y = trim([(it[0], it[1]) for it in items])
+            return x, y, torch.tensor([it[2] for it in items])
+
+        return _make_taskaware_tensor_classification_dataset(ds.x, ds.y, targets=ds.y.tolist(), task_labels=0,
+                                                             collate_fn=collate)
 
     bench = benchmark_from_datasets(train=[av(e.train) for e in stream.experiences],
                                     test=[av(e.test) for e in stream.experiences])
