@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from torch import nn
 
 from nlcl.models.cms import CMSConfig, ContinuumMemory
-from nlcl.models.transformer import (CausalSelfAttention, RMSNorm, SwiGLU, TransformerConfig,
+from nlcl.models.transformer import (BlockStack, CausalSelfAttention, RMSNorm, SwiGLU, TransformerConfig,
                                      init_weights)
 
 FAMILIES = ("hope", "hope_attention", "titans")
@@ -76,33 +76,13 @@ class HopeBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class HopeBackbone(nn.Module):
+class HopeBackbone(BlockStack):
     def __init__(self, cfg: HopeConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        self.blocks = nn.ModuleList(HopeBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model)
+        super().__init__(cfg, lambda: HopeBlock(cfg), embed_std=0.02)
         for block in self.blocks:  # memories keep their own initialisation; CMS/MLP get the usual one
             for m in (block.cms, getattr(block, "mlp", None)):
                 if m is not None:
                     m.apply(init_weights)
-
-    @property
-    def d_model(self) -> int:
-        return self.cfg.d_model
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def reset_nested(self, optimizer_step: int) -> None:
-        for block in self.blocks:
-            if block.cms is not None:
-                block.cms.reset_nested(optimizer_step)
 
 
 def hope_backbone(family: str):

@@ -103,14 +103,17 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class TransformerBackbone(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+class BlockStack(nn.Module):
+    """Token ids -> embedding -> residual blocks -> final RMSNorm; every backbone family is one."""
+
+    def __init__(self, cfg, make_block, embed_std: float | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        if embed_std is not None:
+            nn.init.normal_(self.embed.weight, std=embed_std)
+        self.blocks = nn.ModuleList(make_block() for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
-        self.apply(init_weights)
 
     @property
     def d_model(self) -> int:
@@ -121,6 +124,12 @@ class TransformerBackbone(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+
+class TransformerBackbone(BlockStack):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__(cfg, lambda: TransformerBlock(cfg))
+        self.apply(init_weights)
 
 
 def init_weights(m: nn.Module):

@@ -136,7 +136,23 @@ class ClassBalancedMemory:
         self.x, self.y, self.weights = x, y, w
 
 
-class Replay(Strategy):
+class _WithEpisodicMemory(Strategy):
+    """A class-balanced memory filled after each experience and saved with the run (Replay, A-GEM)."""
+
+    memory: ClassBalancedMemory
+
+    def after_experience(self, learner, stream, index):
+        self.memory.add(stream.experiences[index].train)
+
+    def state_dict(self):
+        return {"memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state):
+        if "memory" in state:
+            self.memory.load_state_dict(state["memory"])
+
+
+class Replay(_WithEpisodicMemory):
     """Experience replay: each step adds `replay_weight` x masked CE on a batch drawn from a
     class-balanced memory of earlier experiences; the memory takes in each experience at its end."""
 
@@ -153,16 +169,6 @@ class Replay(Strategy):
         x, y = self.memory.sample(self.replay_batch_size, logits.device)
         return self.replay_weight * learner.task_loss(learner(x), y)
 
-    def after_experience(self, learner, stream, index):
-        self.memory.add(stream.experiences[index].train)
-
-    def state_dict(self):
-        return {"memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state):
-        if "memory" in state:
-            self.memory.load_state_dict(state["memory"])
-
 
 # ---------------------------------------------------------------------------------------------
 # A-GEM
@@ -178,7 +184,7 @@ def agem_project(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> list[tor
     return [g - (coef * r.float()).to(g.dtype) for g, r in zip(grads, ref)]
 
 
-class AGEM(Strategy):
+class AGEM(_WithEpisodicMemory):
     """Averaged GEM: before each optimizer step, the gradient is projected so as not to increase the
     loss on a sample of the episodic memory (class-balanced, `mem_size` exemplars).
 
@@ -212,16 +218,6 @@ class AGEM(Strategy):
         with torch.no_grad():
             for p, g in zip(params, agem_project([p.grad for p in params], ref)):
                 p.grad.copy_(g)
-
-    def after_experience(self, learner, stream, index):
-        self.memory.add(stream.experiences[index].train)
-
-    def state_dict(self):
-        return {"memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state):
-        if "memory" in state:
-            self.memory.load_state_dict(state["memory"])
 
 
 # ---------------------------------------------------------------------------------------------
