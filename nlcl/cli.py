@@ -26,6 +26,9 @@ commands:
                        field=value), -m sweeps every combination. `nlcl run --help` lists the groups.
   report PATH...       aggregate runs or sweep folders: table (mean, std, 95% CI, n seeds), report.md,
                        report.csv and plots (nlcl report --help)
+  evaluate RUN... task.F=V --name N
+                       score finished runs' final models on a changed stream (e.g. longer sequences);
+                       `nlcl report` shows the mean as metric eval_<N>
   bench [ARGS]         training throughput of the model families (nlcl bench --help)
   bench loop [ARGS]    overhead of the continual-learning loop vs a plain loop and avalanche-lib
 
@@ -127,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         from nlcl.report import main as report_main
 
         return report_main(rest)
+    if command == "evaluate":
+        from nlcl.evaluate import main as evaluate_main
+
+        return evaluate_main(rest)
     if command == "bench":
         if rest[:1] == ["loop"]:
             from nlcl.bench_loop import main as loop_main

@@ -129,6 +129,9 @@ def _check_task(task: DictConfig) -> None:
     first = options.pop("first_experiences", None)
     _check(first is None or (_is_int(first) and first >= 1),
            f"task.first_experiences: must be null or an integer >= 1, got {first!r}")
+    validation = options.pop("validation_per_class", None)
+    _check(validation is None or (_is_int(validation) and validation >= 1),
+           f"task.validation_per_class: must be null or an integer >= 1, got {validation!r}")
     _check_options("task", STREAMS[task.stream], options, f"stream '{task.stream}'")
 
 

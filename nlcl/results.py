@@ -88,6 +88,9 @@ def load_run(path: str | Path) -> dict:
     with open(file) as f:
         res = json.load(f)
     res["run_dir"] = str(file.parent)
+    for ev in sorted((file.parent / "evaluations").glob("*.json")):  # written by `nlcl evaluate`
+        with open(ev) as f:
+            res.setdefault("metrics", {})[f"eval_{ev.stem}"] = json.load(f)["mean"]
     return res
 
 

@@ -61,7 +61,10 @@ def build_parts(cfg: DictConfig) -> RunParts:
     task = _kwargs(cfg.task)
     stream_name = task.pop("stream")
     first = task.pop("first_experiences", None)
+    validation = task.pop("validation_per_class", None)
     stream = build_stream(stream_name, **task)
+    if validation is not None:  # tuning mode: score on held-out training samples, not on test
+        stream.hold_out_validation(int(validation), seed=int(cfg.seed))
     if first is not None:  # a quick run on the head of the stream
         if int(first) < 1:
             raise ValueError(f"task.first_experiences: must be >= 1, got {first}")

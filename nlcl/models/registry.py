@@ -6,11 +6,13 @@ from typing import Callable
 from torch import nn
 
 from nlcl.models.heads import CausalLM, MLPClassifier, SequenceClassifier
+from nlcl.models.lstm import LSTMBackbone, LSTMConfig
 from nlcl.models.transformer import TransformerBackbone, TransformerConfig
 
 # name -> builder(**model_kwargs) returning a backbone [B, T] -> [B, T, d]
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "transformer": lambda **kw: TransformerBackbone(TransformerConfig(**kw)),
+    "lstm": lambda **kw: LSTMBackbone(LSTMConfig(**kw)),
 }
 
 

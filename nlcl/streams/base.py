@@ -78,6 +78,29 @@ class TaskStream:
             seen.extend(c for c in e.classes if c not in seen)
         return seen
 
+    def hold_out_validation(self, per_class: int, seed: int = 0) -> "TaskStream":
+        """Replace every experience's test set by `per_class` training samples per class, removed from
+        its training set (seeded). Tune hyperparameters on this, never on the test split."""
+        if self.objective != "classify":
+            raise StreamError(f"task.validation_per_class: stream '{self.name}' scores with its own scorer; "
+                              "a validation split is only defined for classification streams")
+        if per_class < 1:
+            raise StreamError(f"task.validation_per_class: must be >= 1, got {per_class}")
+        g = torch.Generator().manual_seed(seed)
+        for e in self.experiences:
+            val_idx, train_idx = [], []
+            for c in e.classes:
+                idx = torch.nonzero(e.train.y == c).flatten()
+                if len(idx) <= per_class:
+                    raise StreamError(f"task.validation_per_class={per_class}: class {c} of experience {e.index} "
+                                      f"('{e.name}') has only {len(idx)} training samples; at least one must stay")
+                idx = idx[torch.randperm(len(idx), generator=g)]
+                val_idx.append(idx[:per_class])
+                train_idx.append(idx[per_class:])
+            e.test = e.train.subset(torch.cat(val_idx))
+            e.train = e.train.subset(torch.cat(train_idx).sort().values)
+        return self
+
     def validate(self) -> "TaskStream":
         if not self.experiences:
             raise StreamError(f"stream '{self.name}': has no experiences")
