@@ -17,11 +17,9 @@ NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str], name: str) -> dict:
-    import torch
-
     from nlcl.config import ConfigError, validate
     from nlcl.results import atomic_write_json, safe_torch_load
-    from nlcl.runner import STATE_FILE, build_parts, evaluate_all, quiet_lightning
+    from nlcl.runner import STATE_FILE, build_parts, evaluate_all, quiet_lightning, run_device
 
     run_dir = Path(run_dir)
     if not NAME.match(name):
@@ -45,9 +43,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str], name: str) -> dict:
         raise ValueError(f"nlcl evaluate: '{run_dir}' stopped after {len(state['R_cil']) - 1} of "
                          f"{len(parts.stream)} experiences; finish it first (rerun its command)")
     parts.learner.load_run_state(state["learner"])
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("gpu", "cuda", "auto")
-                          else "cpu")
-    parts.learner.to(device)
+    parts.learner.to(run_device(cfg.trainer))
     scores, task_il = evaluate_all(parts.learner, parts.stream, int(cfg.trainer.eval_batch_size),
                                    seen_upto=len(parts.stream) - 1)
     record = {"name": name, "overrides": overrides, "experiences": [e.name for e in parts.stream.experiences],

@@ -168,9 +168,8 @@ class StepEvaluator(L.Callback):
         step = learner.total_steps + 1  # Lightning runs callbacks before the module's own hook, which counts
         if step % self.every:
             return
-        sub = TaskStream(self.stream.name, [dataclasses.replace(e, test=t) for e, t in zip(self.stream.experiences, self.tests)],
-                         self.stream.num_classes, self.stream.input_kind, self.stream.vocab_size, self.stream.pad_id,
-                         scenario=self.stream.scenario, objective=self.stream.objective, scorer=self.stream.scorer)
+        sub = dataclasses.replace(self.stream, experiences=[dataclasses.replace(e, test=t) for e, t
+                                                             in zip(self.stream.experiences, self.tests)])
         scores, _ = evaluate_all(learner, sub, self.batch_size, seen_upto=learner.experience)
         self.curves.append({"step": step, "experience": learner.experience, "scores": scores})
         learner.log_metrics({f"curve/score_exp{j}": v for j, v in enumerate(scores)})
@@ -227,6 +226,12 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
+def run_device(tcfg: DictConfig) -> torch.device:
+    """The device a run (and a later `nlcl evaluate` of it) uses, from trainer.accelerator."""
+    return torch.device("cuda" if tcfg.accelerator in ("gpu", "cuda") or
+                        (tcfg.accelerator == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
     """Run (or resume) the experiment described by `cfg`; returns the results dict."""
     quiet_lightning()
@@ -256,8 +261,7 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     tcfg = cfg.trainer
-    device = torch.device("cuda" if tcfg.accelerator in ("gpu", "cuda") or
-                          (tcfg.accelerator == "auto" and torch.cuda.is_available()) else "cpu")
+    device = run_device(tcfg)
     learner.to(device)
     if not R_cil:  # the before-training row
         cil, til = evaluate_all(learner, stream, int(tcfg.eval_batch_size), seen_upto=-1)

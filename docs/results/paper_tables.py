@@ -69,19 +69,22 @@ def mad(runs: list[dict]) -> str:
 
 
 def ablations(runs: list[dict]) -> str:
-    ppl: dict[str, list[float]] = {}
+    ppl: dict[str, dict[int, float]] = {}  # variant -> seed -> test perplexity
     for r in runs:
-        ppl.setdefault(r["variant"] or "hope", []).append(r["metrics"]["acc_final"])
-    base = statistics.mean(ppl["hope"]) if "hope" in ppl else float("nan")
-    lines = ["| variant | nlcl test ppl (per seed) | nlcl mean | change vs Hope | paper ppl | paper change |",
-             "|---|---|---|---|---|---|"]
+        ppl.setdefault(r["variant"] or "hope", {})[r["seed"]] = r["metrics"]["acc_final"]
+    base = ppl.get("hope", {})
+    lines = ["| variant | nlcl test ppl (per seed) | nlcl mean | change vs Hope (mean; per seed, paired) "
+             "| paper ppl | paper change |", "|---|---|---|---|---|---|"]
     for name in ABLATION_LABEL:
         if name not in ppl:
             continue
-        mean = statistics.mean(ppl[name])
+        seeds = sorted(ppl[name])
+        mean = statistics.mean(ppl[name].values())
+        paired = " / ".join(f"{ppl[name][s] - base[s]:+.2f}" for s in seeds if s in base)
+        change = f"{mean - statistics.mean(base.values()):+.3f}" if base else "?"
         paper = PAPER_ABLATION_PPL[name]
-        lines.append(f"| {ABLATION_LABEL[name]} | {', '.join(f'{v:.3f}' for v in ppl[name])} | {mean:.3f} | "
-                     f"{mean - base:+.3f} | {paper} | {paper - PAPER_ABLATION_PPL['hope']:+.2f} |")
+        lines.append(f"| {ABLATION_LABEL[name]} | {', '.join(f'{ppl[name][s]:.3f}' for s in seeds)} | {mean:.3f} | "
+                     f"{change} ({paired}) | {paper} | {paper - PAPER_ABLATION_PPL['hope']:+.2f} |")
     return "\n".join(lines)
 
 
