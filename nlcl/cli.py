@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-# conf/hydra/launcher/{joblib,submitit_slurm}.yaml share their names with the plugins' schemas, so
+# nlcl/conf/hydra/launcher/{joblib,submitit_slurm}.yaml share their names with the plugins' schemas, so
 # Hydra validates them against those schemas (what we want) and warns that this is deprecated
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
@@ -91,7 +91,7 @@ def _hydra_run(argv: list[str]) -> int:
         print(f"nlcl: run {run_dir.name} failed: {failure} (recorded in {record})", file=sys.stderr)
         return None
 
-    if "--help" in argv or "-h" in argv:  # nlcl's own help screen (conf/hydra/help/nlcl.yaml)
+    if "--help" in argv or "-h" in argv:  # nlcl's own help screen (nlcl/conf/hydra/help/nlcl.yaml)
         argv = [*argv, "hydra/help=nlcl"]
     elif "-m" in argv or "--multirun" in argv:  # say where the sweep is and how to report it
         argv = [*argv, f"+hydra.callbacks.nlcl_summary._target_={__name__}.SweepSummary"]

@@ -1,6 +1,6 @@
 """Config schemas: every field typed and range-checked before any work starts.
 
-Hydra composes the YAML groups in conf/ and tasks/; `validate` merges each section into its
+Hydra composes the YAML groups in nlcl/conf/ (task definitions in nlcl/conf/task/); `validate` merges each section into its
 structured schema (OmegaConf rejects a wrong type or an unknown field) and checks the ranges and
 names that types cannot express. Every ConfigError names the field and what it accepts.
 """
@@ -50,11 +50,15 @@ class LoggerConfig:
 
 
 def repo_root() -> Path:
+    """The folder above the package: the checkout in a development install (notebooks look for
+    multirun/ there); in an installed wheel it is site-packages and nothing relies on it."""
     return Path(__file__).resolve().parent.parent
 
 
 def config_dir() -> Path:
-    return repo_root() / "conf"
+    """nlcl's Hydra config groups ship inside the package (package data), so an installed wheel
+    composes the same configs as a checkout."""
+    return Path(__file__).resolve().parent / "conf"
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -1,0 +1,150 @@
+"""`nlcl run | report | bench`: the command-line entry points.
+
+`nlcl run` is a Hydra application: every argument after `run` is a Hydra override
+(`model=hope strategy=replay seed=1`, or `-m` for a sweep).
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+# nlcl/conf/hydra/launcher/{joblib,submitit_slurm}.yaml share their names with the plugins' schemas, so
+# Hydra validates them against those schemas (what we want) and warns that this is deprecated
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
+
+USAGE = """usage: nlcl <command> [args]
+
+nlcl trains models (Hope, Titans, Transformer++, ...) on continual-learning task streams and
+compares them: accuracy matrices, forgetting, mean and 95% CI over seeds.
+
+commands:
+  run [OVERRIDES]      train a model on a task stream; arguments are Hydra overrides (group=option,
+                       field=value), -m sweeps every combination. `nlcl run --help` lists the groups.
+  report PATH...       aggregate runs or sweep folders: table (mean, std, 95% CI, n seeds), report.md,
+                       report.csv and plots (nlcl report --help)
+  evaluate RUN... task.F=V --name N
+                       score finished runs' final models on a changed stream (e.g. longer sequences);
+                       `nlcl report` shows the mean as metric eval_<N>
+  bench [ARGS]         training throughput of the model families (nlcl bench --help)
+  bench loop [ARGS]    overhead of the continual-learning loop vs a plain loop and avalanche-lib
+
+examples:
+  nlcl run task=banking77 model=transformer strategy=replay seed=1
+  nlcl run -m model=transformer,hope strategy=naive,replay seed=0,1,2
+  nlcl report multirun/adhoc/<time>
+
+Single runs go to runs/<experiment_name>/, sweeps to multirun/<experiment_name>/<time>/, one folder
+per run; add hydra/launcher=joblib to a sweep for parallel local runs, hydra/launcher=submitit_slurm
+for a SLURM cluster. notebooks/compare_runs.ipynb shows a sweep's table and plots.
+"""
+
+
+def _finished(run_dir: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
+def _hydra_run(argv: list[str]) -> int:
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    from nlcl.config import ConfigError, config_dir, validate
+
+    @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+    def app(cfg: DictConfig) -> float | None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from nlcl.results import atomic_write_json
+        from nlcl.runner import run
+
+        multirun = HydraConfig.get().mode.name == "MULTIRUN"
+        try:
+            validate(cfg)
+            results = run(cfg)
+            return results["metrics"]["acc_final"]
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            if not multirun:
+                print(f"nlcl: error: {e}", file=sys.stderr)
+                raise SystemExit(2)
+            failure = e
+        except Exception as e:  # noqa: BLE001 - a sweep records a failed run and goes on
+            if not multirun:
+                raise
+            failure = e
+        run_dir = Path(cfg.run_dir)
+        # a finished result is never replaced by a later failed attempt in the same folder
+        record = run_dir / ("failure.json" if _finished(run_dir) else "results.json")
+        atomic_write_json(record, {
+            "status": "failed", "error": f"{type(failure).__name__}: {failure}",
+            "traceback": traceback.format_exc(), "stream": cfg.task.get("stream"), "model": cfg.model.get("name"),
+            "strategy": cfg.strategy.get("name"), "optim": cfg.optim.get("name"),
+            "variant": str(cfg.get("variant", "") or ""), "seed": cfg.get("seed"),
+            "config": OmegaConf.to_container(cfg, resolve=True)})
+        print(f"nlcl: run {run_dir.name} failed: {failure} (recorded in {record})", file=sys.stderr)
+        return None
+
+    if "--help" in argv or "-h" in argv:  # nlcl's own help screen (nlcl/conf/hydra/help/nlcl.yaml)
+        argv = [*argv, "hydra/help=nlcl"]
+    elif "-m" in argv or "--multirun" in argv:  # say where the sweep is and how to report it
+        argv = [*argv, f"+hydra.callbacks.nlcl_summary._target_={__name__}.SweepSummary"]
+    sys.argv = ["nlcl run", *argv]
+    app()
+    return 0
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a sweep, count finished and failed runs and name the report command."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import json
+
+        sweep = Path(config.hydra.sweep.dir)
+        status = []
+        for f in sorted(sweep.rglob("results.json")):
+            try:
+                status.append(json.loads(f.read_text()).get("status", "finished"))
+            except (OSError, ValueError):
+                status.append("unreadable")
+        failed = len(status) - status.count("finished")
+        print(f"\n[nlcl] sweep done: {status.count('finished')} runs finished, {failed} failed, in {sweep}/\n"
+              f"[nlcl] compare them: nlcl report {sweep}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        return _hydra_run(rest)
+    if command == "report":
+        from nlcl.report import main as report_main
+
+        return report_main(rest)
+    if command == "evaluate":
+        from nlcl.evaluate import main as evaluate_main
+
+        return evaluate_main(rest)
+    if command == "bench":
+        if rest[:1] == ["loop"]:
+            from nlcl.bench_loop import main as loop_main
+
+            return loop_main(rest[1:])
+        from nlcl.bench import main as bench_main
+
+        return bench_main(rest)
+    print(f"nlcl: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

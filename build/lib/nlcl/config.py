@@ -1,0 +1,217 @@
+"""Config schemas: every field typed and range-checked before any work starts.
+
+Hydra composes the YAML groups in nlcl/conf/ (task definitions in nlcl/conf/task/); `validate` merges each section into its
+structured schema (OmegaConf rejects a wrong type or an unknown field) and checks the ranges and
+names that types cannot express. Every ConfigError names the field and what it accepts.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+WANDB_MODES = ("offline", "online", "disabled", "dryrun", "shared")
+# the runner seeds experience i with seed * 1000 + i and Lightning refuses seeds above 2**32 - 1:
+# a larger seed would fail at the first experience, after the data and the first evaluation
+MAX_SEED = (2**32 - 1) // 1000 - 1
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the field and the allowed values."""
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    precision: str = "32-true"
+    epochs: int = 1
+    batch_size: int = 32
+    eval_batch_size: int = 512
+    gradient_clip: float | None = 1.0
+    log_every: int = 25
+    progress_bar: bool = True
+    limit_train_batches: float | None = None  # a fraction in (0, 1], or (an int) a number of batches
+    eval_every_n_steps: int | None = None  # step-granular evaluation (forgetting curves, stability gap)
+    eval_subsample: int = 100  # test samples per experience for those evaluations
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = True
+    wandb: bool = True
+    wandb_mode: str = "offline"
+    project: str = "nlcl"
+
+
+def repo_root() -> Path:
+    """The folder above the package: the checkout in a development install (notebooks look for
+    multirun/ there); in an installed wheel it is site-packages and nothing relies on it."""
+    return Path(__file__).resolve().parent.parent
+
+
+def config_dir() -> Path:
+    """nlcl's Hydra config groups ship inside the package (package data), so an installed wheel
+    composes the same configs as a checkout."""
+    return Path(__file__).resolve().parent / "conf"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_schema(section: str, schema: type, node) -> None:
+    """OmegaConf's type check, re-worded to name `section.field` and what it accepts."""
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), node)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "key", None) or "?"
+        if isinstance(e, ConfigKeyError):
+            raise ConfigError(f"{section}.{key}: unknown field; allowed: {[f.name for f in fields(schema)]}") from None
+        types = {f.name: f.type for f in fields(schema)}
+        got = node.get(key) if key in node else None
+        raise ConfigError(f"{section}.{key}: expected {types.get(key, '?')}, got {got!r}") from None
+
+
+def _check_options(section: str, fn, options: dict, owner: str) -> None:
+    """Keyword options of a builder: every name must be a parameter of `fn`, and a value must have
+    the type of that parameter's default (when the default is a plain number, bool or string)."""
+    params = inspect.signature(fn).parameters
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    allowed = sorted(k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and k != "self")
+    for key, value in options.items():
+        if key not in params:
+            _check(accepts_any, f"{section}.{key}: not an option of {owner}; allowed: {allowed or 'none (it takes no options)'}")
+            continue
+        default = params[key].default
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "a boolean"
+        elif isinstance(default, int):
+            ok, want = _is_int(value), "an integer"
+        elif isinstance(default, float):
+            ok, want = _is_number(value), "a number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        else:
+            continue  # None or a structure: the builder checks it
+        _check(ok or value is None, f"{section}.{key}: expected {want} (default {default!r}), got {value!r}")
+
+
+def _check_trainer(t: DictConfig) -> None:
+    _check(t.accelerator in ACCELERATORS, f"trainer.accelerator: '{t.accelerator}' is not one of {ACCELERATORS}")
+    _check(str(t.precision) in PRECISIONS, f"trainer.precision: '{t.precision}' is not one of {PRECISIONS}")
+    for field in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+        _check(int(t[field]) >= 1, f"trainer.{field}: must be an integer >= 1, got {t[field]}")
+    _check(t.gradient_clip is None or float(t.gradient_clip) >= 0,
+           f"trainer.gradient_clip: must be >= 0 or null, got {t.gradient_clip}")
+    limit = t.get("limit_train_batches")
+    _check(limit is None or (_is_int(limit) and limit >= 1) or (isinstance(limit, float) and 0 < limit <= 1),
+           f"trainer.limit_train_batches: must be null, a fraction in (0, 1] or a number of batches >= 1, got {limit}")
+
+
+def _check_task(task: DictConfig) -> None:
+    from nlcl.streams import STREAMS
+
+    _check("stream" in task, "task.stream: missing; every task file names its stream")
+    _check(task.stream in STREAMS, f"task.stream: unknown stream '{task.stream}'; allowed: {sorted(STREAMS)}")
+    options = OmegaConf.to_container(task, resolve=True)
+    options.pop("stream")
+    first = options.pop("first_experiences", None)
+    _check(first is None or (_is_int(first) and first >= 1),
+           f"task.first_experiences: must be null or an integer >= 1, got {first!r}")
+    validation = options.pop("validation_per_class", None)
+    _check(validation is None or (_is_int(validation) and validation >= 1),
+           f"task.validation_per_class: must be null or an integer >= 1, got {validation!r}")
+    _check_options("task", STREAMS[task.stream], options, f"stream '{task.stream}'")
+
+
+def _check_strategy(strategy: DictConfig) -> None:
+    from nlcl.strategies import STRATEGIES, strategy_names
+
+    name = strategy.get("name")
+    _check(name in STRATEGIES, f"strategy.name: unknown strategy '{name}'; allowed: {strategy_names()}")
+    options = {k: v for k, v in OmegaConf.to_container(strategy, resolve=True).items() if k != "name"}
+    _check_options("strategy", STRATEGIES[name], options, f"strategy '{name}'")
+
+
+def _check_optim(optim: DictConfig) -> None:
+    import torch
+
+    from nlcl.optim import OPTIMIZERS, build_optimizer
+
+    name = optim.get("name")
+    _check(name in OPTIMIZERS, f"optim.name: unknown optimizer '{name}'; allowed: {sorted(OPTIMIZERS)}")
+    _check(_is_number(optim.get("lr")) and optim.lr > 0, f"optim.lr: must be a number > 0, got {optim.get('lr')!r}")
+    wd = optim.get("weight_decay", 0.0)
+    _check(_is_number(wd) and wd >= 0, f"optim.weight_decay: must be a number >= 0, got {wd!r}")
+    # the remaining fields go to the optimizer class: build it on a 2x2 layer to let it refuse them
+    options = {k: v for k, v in OmegaConf.to_container(optim, resolve=True).items() if k != "name"}
+    try:
+        build_optimizer(torch.nn.Linear(2, 2), name, **options)
+    except (TypeError, ValueError) as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        field = f"optim.{unknown.group(1)}: not an option of optimizer '{name}'" if unknown else f"optim ({name})"
+        raise ConfigError(f"{field}: {e}") from None
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Raise ConfigError naming the field for anything that cannot work; return cfg unchanged.
+
+    Cheap: it builds nothing but a 2x2 optimizer, reads no data. Model fields are checked when the
+    model is built (the first thing a run does, before it writes anything)."""
+    from nlcl.models import model_names
+
+    _check_schema("trainer", TrainerConfig, cfg.trainer)
+    _check_schema("logger", LoggerConfig, cfg.logger)
+    _check_trainer(cfg.trainer)
+    _check(cfg.logger.wandb_mode in WANDB_MODES, f"logger.wandb_mode: '{cfg.logger.wandb_mode}' is not one of {WANDB_MODES}")
+    seed = cfg.get("seed")
+    _check(_is_int(seed) and 0 <= seed <= MAX_SEED, f"seed: must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    _check_task(cfg.task)
+    _check(cfg.model.get("name") in model_names(), f"model.name: unknown model '{cfg.model.get('name')}'; allowed: {model_names()}")
+    _check_strategy(cfg.strategy)
+    _check_optim(cfg.optim)
+    return cfg
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose the config outside a Hydra app (tests, notebooks); `run_dir` must be overridden.
+
+    A group option or override that does not exist raises ConfigError with Hydra's explanation
+    (which lists the group's options)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides or [])
+    except HydraException as e:
+        missing, options = getattr(e, "missing_cfg_file", None), getattr(e, "options", None)
+        if missing and options:  # e.g. model=foo
+            group, _, option = missing.rpartition("/")
+            raise ConfigError(f"{group}={option}: no such option in group '{group}'; allowed: {sorted(options)}") from None
+        text = str(e).split("\nConfig search path")[0].strip()
+        unknown = re.match(r"Could not override '([\w.]+)'", text)
+        if unknown:  # e.g. trainer.foo=1: list the fields the node has
+            path = unknown.group(1)
+            parent, _, key = path.rpartition(".")
+            rest = [o for o in overrides if not o.lstrip("~+").startswith(f"{path}=")]
+            node = OmegaConf.select(compose(rest), parent) if parent else None
+            allowed = f"; allowed: {sorted(node)}" if isinstance(node, DictConfig) else ""
+            raise ConfigError(f"{path}: no such field (add one with +{path}=...){allowed}") from None
+        raise ConfigError("; ".join(line.strip() for line in text.splitlines() if line.strip())) from None

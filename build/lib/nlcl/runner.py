@@ -1,0 +1,380 @@
+"""Run a task stream: train on each experience in turn, evaluate every experience after each one.
+
+Data flows one way: config -> stream + model + strategies -> learner -> (this) runner -> metrics
+-> results. The runner owns the protocol:
+  1. evaluate every experience before any training (row 0 of R, for forward transfer);
+  2. for each experience i: seed, train with a fresh Lightning Trainer, evaluate all experiences,
+     append row i+1 of R, and save a resumable state atomically;
+  3. compute the metrics from R and write the run folder.
+A run killed at any point resumes from its last finished experience and ends with the same R,
+because every experience starts from a seed that depends only on (seed, i).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from nlcl import metrics as M
+from nlcl.learner import Learner
+from nlcl.models import build_model, count_parameters
+from nlcl.optim import build_optimizer
+from nlcl.results import (atomic_torch_save, atomic_write_json, atomic_write_text, format_matrix,
+                          plot_accuracy_matrix, safe_torch_load, write_metrics_csv)
+from nlcl.streams import build_stream
+from nlcl.streams.base import TaskStream
+from nlcl.strategies import build_strategy
+
+STATE_FILE = Path("checkpoints") / "state.pt"
+
+
+@dataclass
+class RunParts:
+    stream: TaskStream
+    learner: Learner
+    strategies: list = field(default_factory=list)
+
+
+def _kwargs(node) -> dict:
+    d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    d.pop("name", None)
+    return d
+
+
+def build_parts(cfg: DictConfig) -> RunParts:
+    """Everything that can fail on bad input fails here, before any training or writing."""
+    L.seed_everything(int(cfg.seed), workers=False, verbose=False)
+    task = _kwargs(cfg.task)
+    stream_name = task.pop("stream")
+    first = task.pop("first_experiences", None)
+    validation = task.pop("validation_per_class", None)
+    stream = build_stream(stream_name, **task)
+    if validation is not None:  # tuning mode: score on held-out training samples, not on test
+        stream.hold_out_validation(int(validation), seed=int(cfg.seed))
+    if first is not None:  # a quick run on the head of the stream
+        if int(first) < 1:
+            raise ValueError(f"task.first_experiences: must be >= 1, got {first}")
+        stream.experiences = stream.experiences[: int(first)]
+    model_kw = _kwargs(cfg.model)
+    in_dim = None
+    if stream.input_kind == "image":
+        in_dim = int(stream.experiences[0].train.x[0].numel())
+    model = build_model(cfg.model.name, input_kind=stream.input_kind, num_classes=stream.num_classes,
+                        vocab_size=stream.vocab_size, in_dim=in_dim, pad_id=stream.pad_id,
+                        task="lm" if stream.objective == "lm" else "classify", **model_kw)
+    strategies = [build_strategy(cfg.strategy.name, **_kwargs(cfg.strategy))]
+    optim_kw = _kwargs(cfg.optim)
+
+    def make_optimizer(m):
+        return build_optimizer(m, cfg.optim.name, **optim_kw)
+
+    learner = Learner(model, stream.num_classes, make_optimizer, strategies,
+                      log_every=int(cfg.trainer.log_every), objective=stream.objective)
+    return RunParts(stream, learner, strategies)
+
+
+def trim_padding(pad_id: int):
+    """Collate that drops the padding columns every sequence of the batch has (right padding).
+
+    Causal models read a sequence's last real token, so trailing pads never change an output;
+    cutting them saves the work of attending over them.
+    """
+    from torch.utils.data import default_collate
+
+    def collate(items):
+        x, y = default_collate(items)
+        if x.dtype == torch.long and x.dim() == 2:
+            length = int((x != pad_id).any(0).nonzero().max()) + 1 if (x != pad_id).any() else 1
+            x = x[:, :length]
+            if y.dim() == 2:
+                y = y[:, :length]
+        return x, y
+
+    return collate
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset, seen_mask: torch.Tensor, task_classes: list[int],
+             batch_size: int, device, pad_id: int = 0) -> tuple[float, float]:
+    """Class-IL accuracy (argmax over every class seen so far) and task-IL accuracy (argmax over the
+    experience's own classes), both from the same logits."""
+    was_training = model.training
+    model.eval()
+    task_mask = torch.zeros_like(seen_mask)
+    task_mask[task_classes] = True
+    correct_cil = torch.zeros((), device=device)
+    correct_til = torch.zeros((), device=device)
+    n = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=trim_padding(pad_id)):
+        x, y = x.to(device), y.to(device)
+        logits = model(x).float()
+        correct_cil += (logits.masked_fill(~seen_mask, float("-inf")).argmax(-1) == y).sum()
+        correct_til += (logits.masked_fill(~task_mask, float("-inf")).argmax(-1) == y).sum()
+        n += len(y)
+    model.train(was_training)
+    return (correct_cil / n).item(), (correct_til / n).item()
+
+
+def evaluate_all(learner: Learner, stream: TaskStream, batch_size: int, seen_upto: int) -> tuple[list, list]:
+    device = learner.device
+    if stream.scorer is not None:  # e.g. exact match or perplexity; no class-IL/task-IL split
+        was_training = learner.model.training
+        learner.model.eval()
+        with torch.no_grad():
+            scores = [float(stream.scorer(learner.model, e)) for e in stream.experiences]
+        learner.model.train(was_training)
+        return scores, list(scores)
+    seen = torch.zeros(stream.num_classes, dtype=torch.bool, device=device)
+    if seen_upto < 0:  # before any training nothing is seen: predict over every class
+        seen[:] = True
+    else:
+        seen[stream.classes_seen(seen_upto)] = True
+    cil, til = [], []
+    for e in stream.experiences:
+        a, b = evaluate(learner.model, e.test, seen, e.classes, batch_size, device, stream.pad_id)
+        cil.append(a)
+        til.append(b)
+    return cil, til
+
+
+class StepEvaluator(L.Callback):
+    """Every `every` optimizer steps, evaluate every experience on a fixed subsample of its test set.
+
+    Boundary-only evaluation hides the transient drop on old experiences when a new one starts
+    (the stability gap, De Lange et al. 2023); these records show it. Host syncs happen here,
+    between steps, never inside forward or backward.
+    """
+
+    def __init__(self, stream: TaskStream, every: int, subsample: int, batch_size: int, curves: list, seed: int):
+        self.stream, self.every, self.batch_size, self.curves = stream, every, batch_size, curves
+        g = torch.Generator().manual_seed(seed)
+        self.tests = [e.test.subset(torch.randperm(len(e.test), generator=g)[:subsample]) for e in stream.experiences]
+
+    def on_train_batch_end(self, trainer, learner, outputs, batch, batch_idx):
+        step = learner.total_steps + 1  # Lightning runs callbacks before the module's own hook, which counts
+        if step % self.every:
+            return
+        sub = dataclasses.replace(self.stream, experiences=[dataclasses.replace(e, test=t) for e, t
+                                                             in zip(self.stream.experiences, self.tests)])
+        scores, _ = evaluate_all(learner, sub, self.batch_size, seen_upto=learner.experience)
+        self.curves.append({"step": step, "experience": learner.experience, "scores": scores})
+        learner.log_metrics({f"curve/score_exp{j}": v for j, v in enumerate(scores)})
+
+
+# settings that change how a run is watched, never what it learns or the matrix R it reports
+NOT_FINGERPRINTED = {"": ("run_dir", "logger", "experiment_name", "variant"),
+                     "trainer": ("progress_bar", "log_every", "eval_batch_size", "eval_every_n_steps", "eval_subsample")}
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """Hash of everything that changes the result (not where it is written or how it is watched)."""
+    d = OmegaConf.to_container(cfg, resolve=True)
+    for section, keys in NOT_FINGERPRINTED.items():
+        node = d.get(section, {}) if section else d
+        for k in keys:
+            node.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def versions() -> dict:
+    import lightning
+    import torchmetrics
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "lightning": lightning.__version__,
+            "torchmetrics": torchmetrics.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = []
+    if cfg.logger.get("csv", True):
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
+    if cfg.logger.get("wandb", False):
+        from lightning.pytorch.loggers import WandbLogger
+
+        os.environ.setdefault("WANDB_MODE", cfg.logger.get("wandb_mode", "offline"))
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(WandbLogger(project=cfg.logger.get("project", "nlcl"), save_dir=str(run_dir),
+                                   name=run_dir.name, offline=os.environ["WANDB_MODE"] == "offline"))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return loggers
+
+
+def quiet_lightning() -> None:
+    """One Trainer per experience would repeat Lightning's start-up notes ten times; keep warnings."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def run_device(tcfg: DictConfig) -> torch.device:
+    """The device a run (and a later `nlcl evaluate` of it) uses, from trainer.accelerator."""
+    return torch.device("cuda" if tcfg.accelerator in ("gpu", "cuda") or
+                        (tcfg.accelerator == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
+    """Run (or resume) the experiment described by `cfg`; returns the results dict."""
+    quiet_lightning()
+    parts = build_parts(cfg)
+    stream, learner, strategies = parts.stream, parts.learner, parts.strategies
+    run_dir = Path(cfg.run_dir)
+    fingerprint = config_fingerprint(cfg)
+    state_path = run_dir / STATE_FILE
+    say = (lambda *a: None) if quiet else print
+
+    R_cil: list[list[float]] = []
+    R_til: list[list[float]] = []
+    timings: list[dict] = []
+    curves: list[dict] = []
+    start_exp = 0
+    if state_path.exists():
+        state = safe_torch_load(state_path)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"run_dir '{run_dir}' holds a run of a different configuration "
+                             f"(fingerprint {state['fingerprint']} vs {fingerprint}); choose another run_dir")
+        learner.load_run_state(state["learner"])
+        R_cil, R_til = state["R_cil"], state["R_til"]
+        timings, curves = state["timings"], state.get("curves", [])
+        start_exp = len(R_cil) - 1
+        say(f"[nlcl] resuming {run_dir} after experience {start_exp - 1} ({start_exp}/{len(stream)} done)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    tcfg = cfg.trainer
+    device = run_device(tcfg)
+    learner.to(device)
+    if not R_cil:  # the before-training row
+        cil, til = evaluate_all(learner, stream, int(tcfg.eval_batch_size), seen_upto=-1)
+        R_cil, R_til = [cil], [til]
+    loggers = make_loggers(cfg, run_dir)
+    n_params = count_parameters(learner.model)
+    say(f"[nlcl] {cfg.model.name} ({n_params:,} parameters) x {cfg.strategy.name} on {stream.name} "
+        f"({len(stream)} experiences) -> {run_dir}")
+
+    step_eval = []
+    if tcfg.get("eval_every_n_steps"):
+        step_eval = [StepEvaluator(stream, int(tcfg.eval_every_n_steps), int(tcfg.get("eval_subsample", 100)),
+                                   int(tcfg.eval_batch_size), curves, int(cfg.seed))]
+    for i in range(start_exp, len(stream)):
+        L.seed_everything(int(cfg.seed) * 1000 + i, workers=False, verbose=False)
+        exp = stream.experiences[i]
+        learner.start_experience(i, stream.classes_seen(i))
+        for s in strategies:
+            s.before_experience(learner, stream, i)
+        train_set = strategies[0].train_dataset(stream, i)
+        t0 = time.perf_counter()
+        steps_before = learner.total_steps
+        if len(train_set) > 0:
+            loader = DataLoader(train_set, batch_size=int(tcfg.batch_size), shuffle=True, drop_last=False,
+                                generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + i),
+                                collate_fn=trim_padding(stream.pad_id))
+            show_bar = bool(tcfg.progress_bar) and not quiet
+            bar = [TQDMProgressBar(refresh_rate=max(1, len(loader) // 20))] if show_bar else []
+            trainer = L.Trainer(max_epochs=int(tcfg.epochs), accelerator="gpu" if device.type == "cuda" else "cpu",
+                                devices=1, precision=tcfg.precision, logger=loggers or False,
+                                callbacks=[*strategies, *step_eval, *bar, *callbacks], enable_checkpointing=False,
+                                enable_model_summary=False, num_sanity_val_steps=0,
+                                enable_progress_bar=show_bar,
+                                gradient_clip_val=tcfg.gradient_clip or None,
+                                limit_train_batches=tcfg.get("limit_train_batches") or 1.0,
+                                default_root_dir=str(run_dir))
+            trainer.fit(learner, train_dataloaders=loader)
+            if trainer.interrupted:
+                raise KeyboardInterrupt(f"training interrupted during experience {i}")
+        t1 = time.perf_counter()
+        for s in strategies:
+            s.after_experience(learner, stream, i)
+        cil, til = evaluate_all(learner, stream, int(tcfg.eval_batch_size), seen_upto=i)
+        t2 = time.perf_counter()
+        R_cil.append(cil)
+        R_til.append(til)
+        timings.append({"experience": i, "train_s": t1 - t0, "eval_s": t2 - t1,
+                        "steps": learner.total_steps - steps_before,
+                        "train_samples": len(train_set) * int(tcfg.epochs)})
+        for lg in loggers:
+            lg.log_metrics({f"eval/acc_exp{j}": v for j, v in enumerate(cil)}
+                           | {"eval/acc_avg_seen": sum(cil[: i + 1]) / (i + 1), "experience": i},
+                           step=learner.total_steps)
+        say(f"[nlcl] experience {i} ({exp.name}): trained {learner.total_steps - steps_before} steps in "
+            f"{t1 - t0:.1f}s; accuracy on seen experiences {100 * sum(cil[: i + 1]) / (i + 1):.1f}%")
+        atomic_torch_save(state_path, {"fingerprint": fingerprint, "learner": learner.run_state(),
+                                       "R_cil": R_cil, "R_til": R_til, "timings": timings, "curves": curves})
+
+    results = finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir)
+    for lg in loggers:
+        lg.log_metrics({f"final/{k}": v for k, v in results["metrics"].items() if isinstance(v, float)},
+                       step=learner.total_steps)
+        lg.finalize("success")
+    if cfg.logger.get("wandb", False):
+        import wandb
+
+        wandb.finish()
+    if not quiet:
+        print_summary(results, run_dir)
+    return results
+
+
+def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir: Path) -> dict:
+    hib = stream.higher_is_better
+    metrics = M.all_metrics(torch.tensor(R_cil), higher_is_better=hib)
+    metrics_til = {f"{k}_task_il": v for k, v in M.all_metrics(torch.tensor(R_til), higher_is_better=hib).items()}
+    telemetry = {}
+    stats = getattr(learner.optimizer, "level_stats", None)
+    if stats is not None:
+        telemetry = {lvl: {k: float(v) for k, v in d.items()} for lvl, d in stats().items()}
+    results = {
+        "status": "finished", "stream": stream.name, "model": cfg.model.name, "strategy": cfg.strategy.name,
+        "optim": cfg.optim.name, "variant": str(cfg.get("variant", "") or ""), "seed": int(cfg.seed), "n_parameters": n_params,
+        "score_name": stream.metric_name, "higher_is_better": hib,
+        "accuracy_matrix": R_cil, "accuracy_matrix_task_il": R_til,
+        "metrics": {**metrics, **metrics_til},
+        "experiences": [{"index": e.index, "name": e.name, "classes": list(e.classes),
+                         "task_label": e.task_label, "n_train": len(e.train), "n_test": len(e.test)}
+                        for e in stream.experiences],
+        "timings": {"experiences": timings, "train_s": sum(t["train_s"] for t in timings),
+                    "eval_s": sum(t["eval_s"] for t in timings)},
+        "total_steps": learner.total_steps, "level_telemetry": telemetry, "curves": curves,
+        "versions": versions(), "config_fingerprint": config_fingerprint(cfg),
+    }
+    atomic_write_json(run_dir / "results.json", results)
+    write_metrics_csv(run_dir / "metrics.csv", results["metrics"])
+    plot_accuracy_matrix(R_cil, run_dir / "accuracy_matrix.png",
+                         title=f"{cfg.model.name} / {cfg.strategy.name} on {stream.name} ({stream.metric_name})",
+                         col_labels=[e.name for e in stream.experiences], percent=hib)
+    return results
+
+
+def print_summary(results: dict, run_dir: Path) -> None:
+    fraction = results.get("higher_is_better", True)  # accuracies are fractions, shown as %
+    scale, unit = (100.0, "%") if fraction else (1.0, "")
+    name = results.get("score_name", "accuracy")
+    print(f"\n{name} matrix R ({'class-incremental, ' if name == 'accuracy' else ''}{unit or 'raw'}): "
+          "rows = trained up to, columns = evaluated on")
+    print(format_matrix(results["accuracy_matrix"], col_labels=[e["name"] for e in results["experiences"]], scale=scale))
+    keys = ["acc_final", "acc_avg_incremental", "bwt", "fwt", "forgetting_max", "forgetting_first", "learning_accuracy"]
+    print("\n" + "  ".join(f"{k}={scale * results['metrics'][k]:.2f}" for k in keys))
+    if name == "accuracy":
+        print(f"task-IL acc_final={100 * results['metrics']['acc_final_task_il']:.2f}")
+    print(f"train {results['timings']['train_s']:.1f}s, eval {results['timings']['eval_s']:.1f}s, "
+          f"{results['total_steps']} steps")
+    print(f"[nlcl] results in {run_dir}/ (results.json, metrics.csv, accuracy_matrix.png, logs/, wandb/)")
