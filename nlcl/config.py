@@ -33,7 +33,8 @@ class TrainerConfig:
     epochs: int = 1
     batch_size: int = 32
     eval_batch_size: int = 512
-    gradient_clip: float | None = 1.0
+    gradient_clip: float | None = 1.0  # clips each step's fresh gradient (slow levels' sums live in the optimizer)
+    gradient_clip_algorithm: str = "norm"  # norm (global l2 norm) | value (elementwise)
     log_every: int = 25
     progress_bar: bool = True
     limit_train_batches: float | None = None  # a fraction in (0, 1], or (an int) a number of batches
@@ -118,6 +119,8 @@ def _check_trainer(t: DictConfig) -> None:
         _check(int(t[field]) >= 1, f"trainer.{field}: must be an integer >= 1, got {t[field]}")
     _check(t.gradient_clip is None or float(t.gradient_clip) >= 0,
            f"trainer.gradient_clip: must be >= 0 or null, got {t.gradient_clip}")
+    _check(t.gradient_clip_algorithm in ("norm", "value"),
+           f"trainer.gradient_clip_algorithm: must be 'norm' or 'value', got {t.gradient_clip_algorithm!r}")
     limit = t.get("limit_train_batches")
     _check(limit is None or (_is_int(limit) and limit >= 1) or (isinstance(limit, float) and 0 < limit <= 1),
            f"trainer.limit_train_batches: must be null, a fraction in (0, 1] or a number of batches >= 1, got {limit}")

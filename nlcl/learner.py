@@ -2,8 +2,8 @@
 
 - Class-incremental training masks the logits to the classes seen so far (`seen_mask`).
 - Strategies add their terms through `Strategy.extra_loss`.
-- A multi-frequency optimizer zeroes each level's gradients itself when that level steps, so the
-  `optimizer_zero_grad` hook leaves gradients alone for it: slow levels keep summing gradients.
+- The multi-frequency optimizer keeps each slow level's pending period in its own state, so `.grad`
+  is zeroed every step as usual and Lightning's gradient clipping clips each step's fresh gradient.
 - Lightning restarts `global_step` with every Trainer; `total_steps` is ours and never restarts,
   and every metric is logged against it.
 """
@@ -36,8 +36,6 @@ class Learner(L.LightningModule):
         self.experience = -1
         self._loss_sum = torch.zeros(())
         self._loss_count = 0
-        # nested CMS: fast offsets restart whenever their slower parent level steps
-        self._nested_cms = [m for m in model.modules() if getattr(m, "is_nested_cms", False)]
 
     # ---- experience bookkeeping (called by the runner) ----
     def start_experience(self, index: int, seen_classes: Sequence[int]) -> None:
@@ -74,8 +72,6 @@ class Learner(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.total_steps += 1
-        for cms in self._nested_cms:
-            cms.reset_nested(self.total_steps)
         if self.total_steps % self.log_every == 0:
             self.log_metrics({"train/loss": self._loss_sum / max(self._loss_count, 1),
                               "train/experience": self.experience})
@@ -95,11 +91,6 @@ class Learner(L.LightningModule):
     # ---- optimizer hooks ----
     def configure_optimizers(self):
         return self.optimizer
-
-    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
-        if getattr(optimizer, "manages_zero_grad", False):
-            return  # each level zeroes its own gradients when its period ends
-        optimizer.zero_grad(set_to_none=True)
 
     # ---- state that a resume needs beyond Lightning's own ----
     def run_state(self) -> dict:

@@ -35,7 +35,7 @@ GROUP_KEYS = ["stream", "model", "strategy", "optim", "variant"]
 HEADLINE = ["acc_final", "acc_avg_incremental", "forgetting_max", "forgetting_first", "bwt", "learning_accuracy",
             "acc_final_task_il"]
 BAR_METRICS = ("acc_final", "forgetting_max", "bwt")
-TELEMETRY = ("updates", "grad_norm", "update_norm")
+TELEMETRY = ("updates", "grad_norm", "update_norm", "step_rms", "relative_step")
 
 
 # ---------------------------------------------------------------- statistics (pure functions)
@@ -368,7 +368,9 @@ def fig_final_metrics(agg: pd.DataFrame, metrics=BAR_METRICS):
 
 
 def telemetry_frame(runs: list[dict]) -> pd.DataFrame:
-    """Per configuration and level: update count, last gradient norm, last update norm (mean over seeds)."""
+    """Per configuration and level: update count, last gradient norm, last update norm, effective step
+    size (RMS distance per parameter per optimizer step) and that step size relative to the run's
+    period-1 reference level (mean over seeds; NaN for runs that predate a field)."""
     labels = config_labels(runs)
     rows = [{"config": labels[config_key(r)], "level": lvl, **{k: d.get(k, float("nan")) for k in TELEMETRY}}
             for r in runs for lvl, d in (r.get("level_telemetry") or {}).items()]
@@ -378,7 +380,8 @@ def telemetry_frame(runs: list[dict]) -> pd.DataFrame:
 
 
 def fig_level_telemetry(runs: list[dict]):
-    """Updates, gradient norm and update norm of every level (None when no run logged levels)."""
+    """Updates, gradient and update norms and effective step sizes of every level (None when no run
+    logged levels)."""
     df = telemetry_frame(runs)
     if df.empty:
         return None
@@ -389,7 +392,8 @@ def fig_level_telemetry(runs: list[dict]):
     axes = fig.subplots(1, len(TELEMETRY), sharey=True)
     for ax, k in zip(axes, TELEMETRY):
         ax.barh(range(len(df)), df[k].to_numpy(float), color="tab:green", alpha=0.8)
-        ax.set_title(k + (" (count)" if k == "updates" else " (last step)"), fontsize=8)
+        ax.set_title(k + {"updates": " (count)", "step_rms": " (per step)",
+                          "relative_step": " (vs period-1)"}.get(k, " (last step)"), fontsize=8)
     axes[0].set_yticks(range(len(df)), labels, fontsize=7)
     axes[0].invert_yaxis()
     fig.suptitle("per-level telemetry, mean over seeds", fontsize=9)

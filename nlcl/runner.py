@@ -296,6 +296,7 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
                                 enable_model_summary=False, num_sanity_val_steps=0,
                                 enable_progress_bar=show_bar,
                                 gradient_clip_val=tcfg.gradient_clip or None,
+                                gradient_clip_algorithm=tcfg.get("gradient_clip_algorithm", "norm"),
                                 limit_train_batches=tcfg.get("limit_train_batches") or 1.0,
                                 default_root_dir=str(run_dir))
             trainer.fit(learner, train_dataloaders=loader)

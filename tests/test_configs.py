@@ -82,6 +82,8 @@ def test_wrong_types_name_the_field_and_the_type(override, field, expected):
     ("trainer.eval_batch_size=0", "trainer.eval_batch_size"),
     ("trainer.log_every=0", "trainer.log_every"),
     ("trainer.gradient_clip=-1", "trainer.gradient_clip"),
+    ("trainer.gradient_clip_algorithm=l1", "trainer.gradient_clip_algorithm"),
+    ("optim.level_accumulation=sums", "optim.level_accumulation"),
     ("trainer.limit_train_batches=0.0", "trainer.limit_train_batches"),
     ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches"),
     ("optim.lr=0", "optim.lr"),

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nlcl.levels import LevelSpec, tag
+from nlcl.optim.multifrequency import ACCUMULATIONS
 from nlcl.optim import (DGDOuter, DMGD, M3, OPTIMIZERS, DeltaMomentum, M3Stabilized, MultiFrequencyOptimizer,
                         Muon, build_optimizer, dgd_update, muon_param_groups, newton_schulz)
 
@@ -44,7 +45,7 @@ def train(model, opt, data):
     for batch in data:
         loss_fn(model, batch).backward()
         opt.step()
-        opt.zero_grad()  # a no-op for MultiFrequencyOptimizer; kept to show that it is harmless
+        opt.zero_grad()  # .grad is one step's gradient: slow levels keep their periods in the optimizer
 
 
 def snapshot(model):
@@ -70,6 +71,7 @@ def test_slow_level_changes_only_at_period_end_by_summed_gradient():
         before = snapshot(model)
         loss_fn(model, batch).backward()
         opt.step()
+        opt.zero_grad()
 
         grads = torch.autograd.grad(loss_fn(ref, batch), ref_fast + ref_slow)
         with torch.no_grad():
@@ -121,15 +123,18 @@ def test_factory_adamw_without_levels_matches_plain_adamw():
         assert torch.equal(p, q)
 
 
-def test_zero_grad_is_a_noop_and_levels_zero_themselves():
+def test_zero_grad_clears_every_grad_and_the_pending_sum_lives_in_the_optimizer():
     model = make_model(periods=(2,))
     opt = MultiFrequencyOptimizer(model, lambda groups: torch.optim.SGD(groups), 0.1)
-    assert opt.manages_zero_grad
-    loss_fn(model, batches(1)[0]).backward()
-    opt.step()  # step 1: outer steps and is zeroed, level0 (period 2) keeps its gradient
+    batch = batches(1)[0]
+    loss_fn(model, batch).backward()
+    fresh = [p.grad.clone() for p in model[4].parameters()]
+    opt.step()  # step 1: outer steps, level0 (period 2) keeps the gradient in its accumulator
     opt.zero_grad()
-    assert all(p.grad is None for p in model[0].parameters())
-    assert all(p.grad is not None for p in model[4].parameters())
+    assert all(p.grad is None for p in model.parameters())
+    for a, g in zip(opt.accumulators["level0"], fresh):
+        assert torch.equal(a, g)
+    assert "outer" not in opt.accumulators  # a period-1 level needs no accumulator
 
 
 def test_tied_parameters_are_optimized_once():
@@ -200,6 +205,7 @@ def test_level_stats_grad_norm_is_norm_of_summed_gradient():
     for batch in data:
         loss_fn(model, batch).backward()
         opt.step()
+        opt.zero_grad()
     assert opt.level_stats()["level0"]["updates"] == 1
 
     # reference: the outer layers take plain SGD steps, level0 stays frozen and sums its gradients
@@ -229,9 +235,10 @@ def roundtrip(state):
     return torch.load(buffer, weights_only=True)
 
 
+@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_resume_mid_period_continues_every_schedule(name):
-    lr, kw = 1e-2, FACTORY_KW.get(name, {})
+def test_resume_mid_period_continues_every_schedule(name, accumulation):
+    lr, kw = 1e-2, {**FACTORY_KW.get(name, {}), "level_accumulation": accumulation}
     data = batches(8)
     periods = (2, 3)
 
@@ -242,7 +249,7 @@ def test_resume_mid_period_continues_every_schedule(name):
     model_a = make_model(periods=periods)
     opt_a = build_optimizer(model_a, name, lr, weight_decay=0.01, **kw)
     train(model_a, opt_a, data[:4])  # step 4: mid-period for the period-3 level
-    assert any(p.grad is not None for p in model_a[4].parameters())
+    assert any(a is not None for a in opt_a.accumulators["level1"])
     model_state, opt_state = roundtrip(model_a.state_dict()), roundtrip(opt_a.state_dict())
 
     model_b = make_model(seed=123, periods=periods)  # a fresh process: different init, no grads
@@ -253,7 +260,7 @@ def test_resume_mid_period_continues_every_schedule(name):
     train(model_b, opt_b, data[4:])
 
     for p, q in zip(model.parameters(), model_b.parameters()):
-        assert torch.equal(p, q), name
+        assert torch.equal(p, q), (name, accumulation)
     assert {k: v["updates"] for k, v in opt_b.level_stats().items()} == {"outer": 8, "level0": 4, "level1": 2}
 
 
@@ -298,6 +305,7 @@ def test_every_optimizer_reduces_a_regression_loss(name, lr):
     for _ in range(60):
         ((model(x) - y) ** 2).mean().backward()
         opt.step()
+        opt.zero_grad()
     last = ((model(x) - y) ** 2).mean().item()
     assert last < 0.7 * first, (name, first, last)
 
@@ -568,6 +576,7 @@ def test_dgd_outer_averages_inputs_over_the_period_of_a_slow_level():
     for x in xs:
         model(x).pow(2).sum().backward()
         opt.step()
+        opt.zero_grad()
     W0_ = W0.clone().requires_grad_()
     for x in xs:  # the weight did not move inside the period: the gradients are at W0
         grad_sum += torch.autograd.grad((x @ W0_.T).pow(2).sum(), W0_)[0]

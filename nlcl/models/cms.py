@@ -7,7 +7,7 @@ of the period (Eq. 71). Variants:
 - independent (head-wise, Eq. 74): y = x + sum_l w_l MLP_l(norm_l(x)), learnable weights w;
 - nested (Eq. 72, step unit): level l's weights are θ_l = θ0_l + Δ_l where the initial state θ0_l
   belongs to the next slower level and the offset Δ_l to level l itself; Δ_l returns to zero each
-  time the slower level steps (`reset_nested`), so the slower level meta-learns where the faster
+  time the slower level steps (`on_level_step`, which the optimizer calls), so the slower level meta-learns where the faster
   one restarts.
 Levels can be initialised from a pretrained model's MLP blocks (ad-hoc level stacking, §7.3).
 
@@ -239,7 +239,6 @@ class ContinuumMemory(nn.Module):
                                     for spec, lr in zip(self.specs, cfg.inner_lr))
         if cfg.variant == "independent":
             self.mix = nn.Parameter(torch.full((len(self.levels),), 1.0 / len(self.levels)))
-        self.is_nested_cms = cfg.variant == "nested"
         if cfg.variant == "nested":
             # level l's initial state lives in level l+1 (slower); its offset in level l
             for i in range(len(self.levels) - 1):
@@ -263,12 +262,14 @@ class ContinuumMemory(nn.Module):
         return x
 
     @torch.no_grad()
-    def reset_nested(self, optimizer_step: int) -> None:
-        """Zero each nested offset whose slower parent level steps at `optimizer_step` (1-based)."""
+    def on_level_step(self, stepped: list[str], step_count: int) -> None:
+        """Nested variant: zero each offset whose slower parent level is among the levels that just
+        applied an update (`stepped`, announced by the multi-frequency optimizer after every step).
+        The faster level then restarts from the initial state its parent just meta-learned."""
         if self.cfg.variant != "nested":
             return
         for i, off in enumerate(self.offsets):
-            if optimizer_step % self.specs[i + 1].period == 0:
+            if self.specs[i + 1].name in stepped:
                 off.reset()
 
     @torch.no_grad()

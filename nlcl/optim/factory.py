@@ -10,11 +10,19 @@ from nlcl.optim.multifrequency import MultiFrequencyOptimizer
 from nlcl.optim.muon import Muon, muon_exclusions, split_muon_groups
 
 OPTIMIZERS = ("adamw", "sgd", "muon", "m3", "m3_ema", "delta_momentum", "dmgd", "dgd")
+# steps that are not linear in the gradient's size (Adam-style normalisation, orthogonalisation): a slow
+# level steps on its period's mean gradient at its rate times the period ("gradient" accumulation)
+NORMALIZING = ("adamw", "muon", "m3", "m3_ema")
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    track_update_norm: bool = True, **kw) -> torch.optim.Optimizer:
+                    track_update_norm: bool = True, level_accumulation: str = "gradient",
+                    **kw) -> torch.optim.Optimizer:
     """A MultiFrequencyOptimizer whose levels each get optimizer `name`; `kw` goes to that optimizer.
+
+    level_accumulation: how a slow level collects its period ("gradient", "gradient_literal",
+    "update"; see `nlcl.optim.multifrequency`). Every module of `model` with an `on_level_step`
+    method is subscribed to the optimizer's level-step announcements (the nested CMS resets).
 
     For muon / m3 / m3_ema, `lr` is the orthogonalised path's rate and `adamw_lr` (in kw) the rate of
     the AdamW half (biases, norms, embeddings, heads); a level's lr_scale scales both.
@@ -44,4 +52,9 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
         def make(groups):
             return cls(groups, lr=lr, weight_decay=weight_decay, **kw)
 
-    return MultiFrequencyOptimizer(model, make, lr, track_update_norm=track_update_norm)
+    opt = MultiFrequencyOptimizer(model, make, lr, track_update_norm=track_update_norm,
+                                  accumulation=level_accumulation, normalizes_gradient=name in NORMALIZING)
+    for module in model.modules():
+        if callable(getattr(module, "on_level_step", None)):
+            opt.subscribe(module.on_level_step)
+    return opt

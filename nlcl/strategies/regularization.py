@@ -2,10 +2,10 @@
 
 EWC and SI share one penalty: a quadratic pull of every trainable parameter towards its value at the
 end of the last experience, weighted per coordinate by an importance (Fisher diagonal for EWC, path
-integral for SI). Neither ever calls `.backward()` outside Lightning's step: under a multi-frequency
-optimizer `.grad` holds the slow levels' running gradient sums, which a stray backward would pollute
-(this is also why avalanche's `EWCPlugin.compute_importances`, which calls `optimizer.zero_grad()`
-and `loss.backward()`, is not used here).
+integral for SI). Neither ever calls `.backward()` outside Lightning's step: a stray backward would
+add to the `.grad` the coming optimizer step reads (this is also why avalanche's
+`EWCPlugin.compute_importances`, which calls `optimizer.zero_grad()` and `loss.backward()`, is not
+used here).
 """
 from __future__ import annotations
 
@@ -129,9 +129,9 @@ class SI(Strategy):
     gradient, count as unimportant). Later experiences add si_lambda * sum Omega (theta - theta*)^2
     (the paper's c, no 1/2).
 
-    Under a multi-frequency optimizer a slow level moves only when its period ends, with the summed
-    gradient in `.grad`; steps in between have delta_theta = 0 and add nothing, so its path integral is
-    sum over its own updates of (summed gradient) x (its update).
+    Under a multi-frequency optimizer `.grad` is always the step's fresh gradient; a slow level moves
+    only when its period ends, so steps in between have delta_theta = 0 and add nothing, and its path
+    integral credits each period's update to the period's last gradient.
     """
 
     name = "si"

@@ -190,9 +190,9 @@ class AGEM(_WithEpisodicMemory):
 
     The reference gradient comes from torch.autograd.grad on a separate forward pass (current class
     mask), so the `.grad` of the current batch is not touched until it is replaced by its projection.
-    Under a multi-frequency optimizer the slow levels' `.grad` holds their running gradient sums; the
-    projection acts on whatever `.grad` is present, i.e. on the whole vector of fast gradients and
-    slow sums together.
+    Under a multi-frequency optimizer `.grad` is the step's fresh gradient for every level (slow levels
+    keep their pending sums in the optimizer), so the projection acts on this step's gradient before
+    it joins a slow level's sum.
     """
 
     name = "agem"
