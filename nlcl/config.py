@@ -161,6 +161,10 @@ def _check_optim(optim: DictConfig) -> None:
     _check(_is_number(optim.get("lr")) and optim.lr > 0, f"optim.lr: must be a number > 0, got {optim.get('lr')!r}")
     wd = optim.get("weight_decay", 0.0)
     _check(_is_number(wd) and wd >= 0, f"optim.weight_decay: must be a number >= 0, got {wd!r}")
+    from nlcl.optim.multifrequency import ACCUMULATIONS
+
+    acc = optim.get("level_accumulation", "gradient")
+    _check(acc in ACCUMULATIONS, f"optim.level_accumulation: '{acc}' is not one of {ACCUMULATIONS}")
     # the remaining fields go to the optimizer class: build it on a 2x2 layer to let it refuse them
     options = {k: v for k, v in OmegaConf.to_container(optim, resolve=True).items() if k != "name"}
     try:
