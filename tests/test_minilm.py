@@ -38,3 +38,30 @@ def test_frozen_backbone_trains_head_only(tok):
     assert trainable == ["head.weight", "head.bias"]
     with pytest.raises(ValueError, match="model.mlp_periods"):
         build_model("minilm", input_kind="tokens", num_classes=3, vocab_size=tok.vocab_size, mlp_periods=[1, 2])
+
+
+def test_mlp_levels_take_their_learning_rate_scales_from_config(tok):
+    from nlcl.optim import build_optimizer
+
+    model = build_model("minilm", input_kind="tokens", num_classes=3, vocab_size=tok.vocab_size,
+                        mlp_periods=[1, 1, 8, 8, 64, 64], mlp_lr_scales=[1, 1, 0.125, 0.125, 0.25, 0.25])
+    opt = build_optimizer(model, "adamw", 1e-3)
+    lrs = {level: [g["lr"] for g in inner.param_groups] for level, inner in opt.inner.items()}
+    assert lrs["mlp2_p8"] == [pytest.approx(1.25e-4)] and lrs["mlp5_p64"] == [pytest.approx(2.5e-4)]
+    assert lrs["outer"] == [pytest.approx(1e-3)]
+    with pytest.raises(ValueError, match="model.mlp_lr_scales"):
+        build_model("minilm", input_kind="tokens", num_classes=3, vocab_size=tok.vocab_size, mlp_lr_scales=[1, 2])
+
+
+def test_cosine_head_logits_ignore_weight_norms(tok):
+    model = build_model("minilm", input_kind="tokens", num_classes=3, vocab_size=tok.vocab_size, head="cosine").eval()
+    ids = tok.encode_batch(["what is my account balance", "play some jazz"], 16)
+    with torch.no_grad():
+        before = model(ids)
+        model.head.weight[2] *= 10.0  # the newest class's weight grows: a linear head would favour it
+        after = model(ids)
+    torch.testing.assert_close(before, after)
+    assert before.abs().max() <= model.head.scale + 1e-5
+    assert [n for n, _ in model.head.named_parameters()] == ["weight"]  # no bias
+    with pytest.raises(ValueError, match="model.head"):
+        build_model("minilm", input_kind="tokens", num_classes=3, vocab_size=tok.vocab_size, head="knn")

@@ -26,6 +26,34 @@ class SequenceClassifier(nn.Module):
         return self.head(self.features(ids))
 
 
+class CosineHead(nn.Module):
+    """Logits = scale * cos(feature, class weight): no bias, and every class weight is normalised.
+
+    A linear head trained class-incrementally grows the weight norms and biases of the newest
+    classes (their gradients are the only ones pushing up), so old classes lose the argmax even when
+    the features still separate them. Here a class's logit depends on its weight's direction only,
+    so that route to recency bias is closed by construction (Hou et al. 2019 use the same form).
+    `scale` sets the softmax temperature (cosines lie in [-1, 1]).
+    """
+
+    def __init__(self, d: int, num_classes: int, scale: float = 16.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, d) * d ** -0.5)
+        self.scale = float(scale)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.linear(F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+HEADS = ("linear", "cosine")
+
+
+def make_head(kind: str, d: int, num_classes: int, scale: float = 16.0) -> nn.Module:
+    if kind not in HEADS:
+        raise ValueError(f"model.head: '{kind}' is not one of {HEADS}")
+    return nn.Linear(d, num_classes) if kind == "linear" else CosineHead(d, num_classes, scale)
+
+
 class CausalLM(nn.Module):
     """Next-token prediction head, weights tied to the backbone's embedding when it has one."""
 

@@ -1,0 +1,34 @@
+"""model=hope_full: self-modifying Titans followed by a CMS with an in-context level and step levels."""
+import torch
+from omegaconf import OmegaConf
+
+from nlcl.config import compose
+from nlcl.levels import parameter_levels
+from nlcl.models import build_model
+from nlcl.models.cms import CMSLevel
+from nlcl.models.incontext import InContextLM, incontext_stats
+from nlcl.models.self_modifying_titans import SelfModifyingTitans
+
+
+def test_hope_full_is_self_modifying_titans_then_token_and_step_levels(tmp_path):
+    cfg = compose([f"run_dir={tmp_path}", "model=hope_full", "model.n_layers=1", "model.d_model=32",
+                   "model.n_heads=2"])
+    kw = OmegaConf.to_container(cfg.model, resolve=True)
+    kw.pop("name")
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, input_kind="tokens", vocab_size=50, task="lm", **kw)
+    assert isinstance(model, InContextLM)
+    block = model.backbone.blocks[0]
+    assert isinstance(block.mixer, SelfModifyingTitans)
+    units = [(lv.spec.unit, lv.spec.period) for lv in block.cms.levels if isinstance(lv, CMSLevel)]
+    assert units == [("token", 16), ("step", 1), ("step", 8), ("step", 64)]
+    step_levels = {s.name: s.period for s in parameter_levels(model).values()}
+    assert step_levels == {"outer": 1, "cms1_p1": 1, "cms2_p8": 8, "cms3_p64": 64}  # the token level's
+    # initial state is trained by the outer optimizer
+    ids = torch.randint(1, 50, (2, 40))
+    logits = model(ids)
+    writes = incontext_stats(model)
+    assert list(writes) == ["backbone.blocks.0.cms.levels.0"]
+    assert float(writes["backbone.blocks.0.cms.levels.0"]["write_norm"]) > 0  # it learned in context
+    logits.float().logsumexp(-1).mean().backward()
+    assert block.cms.levels[0].mlp.up.weight.grad.abs().sum() > 0
