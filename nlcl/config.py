@@ -182,6 +182,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     model is built (the first thing a run does, before it writes anything)."""
     from nlcl.models import model_names
 
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    _check(not missing, f"{', '.join(missing)}: required, no default (set it, e.g. {missing[0] if missing else ''}=...)")
     _check_schema("trainer", TrainerConfig, cfg.trainer)
     _check_schema("logger", LoggerConfig, cfg.logger)
     _check_trainer(cfg.trainer)

@@ -49,16 +49,17 @@ class RunParts:
     strategies: list = field(default_factory=list)
 
 
-def _kwargs(node) -> dict:
+def _kwargs(node, drop_name: bool = True) -> dict:
     d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    d.pop("name", None)
+    if drop_name:  # model/strategy/optim `name` picks the builder; a task's `name` is a stream option
+        d.pop("name", None)
     return d
 
 
 def build_parts(cfg: DictConfig) -> RunParts:
     """Everything that can fail on bad input fails here, before any training or writing."""
     L.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    task = _kwargs(cfg.task)
+    task = _kwargs(cfg.task, drop_name=False)
     stream_name = task.pop("stream")
     first = task.pop("first_experiences", None)
     validation = task.pop("validation_per_class", None)
