@@ -1,4 +1,0 @@
-"""Pure PyTorch models (no Lightning)."""
-from nlcl.models.registry import build_model, count_parameters, model_names, register_backbone
-
-__all__ = ["build_model", "count_parameters", "model_names", "register_backbone"]
