@@ -126,26 +126,49 @@ def _check_trainer(t: DictConfig) -> None:
            f"trainer.limit_train_batches: must be null, a fraction in (0, 1] or a number of batches >= 1, got {limit}")
 
 
+def _check_target(section: str, node: DictConfig, labels: tuple[str, ...]):
+    """A `_target_` section: importable, and its other fields are options of the target."""
+    from nlcl.plugins import resolve
+
+    _check(isinstance(node.get(labels[0]), str),
+           f"{section}.{labels[0]}: a `_target_` {section} still needs a {labels[0]} (it labels folders and reports)")
+    fn = resolve(node._target_, f"{section}._target_")
+    options = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in ("_target_", *labels)}
+    return fn, options
+
+
 def _check_task(task: DictConfig) -> None:
     from nlcl.streams import STREAMS
 
     _check("stream" in task, "task.stream: missing; every task file names its stream")
-    _check(task.stream in STREAMS, f"task.stream: unknown stream '{task.stream}'; allowed: {sorted(STREAMS)}")
+    custom = "_target_" in task
+    _check(custom or task.stream in STREAMS,
+           f"task.stream: unknown stream '{task.stream}'; allowed: {sorted(STREAMS)} (or give task._target_)")
     options = OmegaConf.to_container(task, resolve=True)
     options.pop("stream")
+    options.pop("_target_", None)
     first = options.pop("first_experiences", None)
     _check(first is None or (_is_int(first) and first >= 1),
            f"task.first_experiences: must be null or an integer >= 1, got {first!r}")
     validation = options.pop("validation_per_class", None)
     _check(validation is None or (_is_int(validation) and validation >= 1),
            f"task.validation_per_class: must be null or an integer >= 1, got {validation!r}")
-    _check_options("task", STREAMS[task.stream], options, f"stream '{task.stream}'")
+    if custom:
+        from nlcl.plugins import resolve
+
+        _check_options("task", resolve(task._target_, "task._target_"), options, task._target_)
+    else:
+        _check_options("task", STREAMS[task.stream], options, f"stream '{task.stream}'")
 
 
 def _check_strategy(strategy: DictConfig) -> None:
     from nlcl.strategies import STRATEGIES, strategy_names
 
     name = strategy.get("name")
+    if "_target_" in strategy:
+        fn, options = _check_target("strategy", strategy, ("name",))
+        _check_options("strategy", fn, options, strategy._target_)
+        return
     _check(name in STRATEGIES, f"strategy.name: unknown strategy '{name}'; allowed: {strategy_names()}")
     options = {k: v for k, v in OmegaConf.to_container(strategy, resolve=True).items() if k != "name"}
     _check_options("strategy", STRATEGIES[name], options, f"strategy '{name}'")
@@ -157,7 +180,11 @@ def _check_optim(optim: DictConfig) -> None:
     from nlcl.optim import OPTIMIZERS, build_optimizer
 
     name = optim.get("name")
-    _check(name in OPTIMIZERS, f"optim.name: unknown optimizer '{name}'; allowed: {sorted(OPTIMIZERS)}")
+    if "_target_" in optim:
+        _check_target("optim", optim, ("name",))
+    else:
+        _check(name in OPTIMIZERS,
+               f"optim.name: unknown optimizer '{name}'; allowed: {sorted(OPTIMIZERS)} (or give optim._target_)")
     _check(_is_number(optim.get("lr")) and optim.lr > 0, f"optim.lr: must be a number > 0, got {optim.get('lr')!r}")
     wd = optim.get("weight_decay", 0.0)
     _check(_is_number(wd) and wd >= 0, f"optim.weight_decay: must be a number >= 0, got {wd!r}")
@@ -181,7 +208,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     Cheap: it builds nothing but a 2x2 optimizer, reads no data. Model fields are checked when the
     model is built (the first thing a run does, before it writes anything)."""
     from nlcl.models import model_names
+    from nlcl.plugins import load_plugins
 
+    plugins = cfg.get("plugins") or []
+    _check(OmegaConf.is_list(plugins) or isinstance(plugins, list),
+           f"plugins: a list of module names, e.g. plugins=[my_module], got {plugins!r}")
+    load_plugins(list(plugins))  # first: plugin modules may register streams and models checked below
     missing = sorted(OmegaConf.missing_keys(cfg))
     _check(not missing, f"{', '.join(missing)}: required, no default (set it, e.g. {missing[0] if missing else ''}=...)")
     _check_schema("trainer", TrainerConfig, cfg.trainer)
@@ -191,7 +223,11 @@ def validate(cfg: DictConfig) -> DictConfig:
     seed = cfg.get("seed")
     _check(_is_int(seed) and 0 <= seed <= MAX_SEED, f"seed: must be an integer in [0, {MAX_SEED}], got {seed!r}")
     _check_task(cfg.task)
-    _check(cfg.model.get("name") in model_names(), f"model.name: unknown model '{cfg.model.get('name')}'; allowed: {model_names()}")
+    if "_target_" in cfg.model:
+        _check_target("model", cfg.model, ("name",))
+    else:
+        _check(cfg.model.get("name") in model_names(),
+               f"model.name: unknown model '{cfg.model.get('name')}'; allowed: {model_names()} (or give model._target_)")
     _check_strategy(cfg.strategy)
     _check_optim(cfg.optim)
     return cfg

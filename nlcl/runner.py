@@ -33,6 +33,7 @@ from nlcl import metrics as M
 from nlcl.learner import Learner
 from nlcl.models import build_model, count_parameters
 from nlcl.optim import build_optimizer
+from nlcl.plugins import load_plugins
 from nlcl.results import (atomic_torch_save, atomic_write_json, atomic_write_text, format_matrix,
                           plot_accuracy_matrix, safe_torch_load, write_metrics_csv)
 from nlcl.streams import build_stream
@@ -58,12 +59,13 @@ def _kwargs(node, drop_name: bool = True) -> dict:
 
 def build_parts(cfg: DictConfig) -> RunParts:
     """Everything that can fail on bad input fails here, before any training or writing."""
+    load_plugins(cfg.get("plugins"))
     L.seed_everything(int(cfg.seed), workers=False, verbose=False)
     task = _kwargs(cfg.task, drop_name=False)
     stream_name = task.pop("stream")
     first = task.pop("first_experiences", None)
     validation = task.pop("validation_per_class", None)
-    stream = build_stream(stream_name, **task)
+    stream = custom_stream(task) if "_target_" in task else build_stream(stream_name, **task)
     if validation is not None:  # tuning mode: score on held-out training samples, not on test
         stream.hold_out_validation(int(validation), seed=int(cfg.seed))
     if first is not None:  # a quick run on the head of the stream
@@ -77,15 +79,26 @@ def build_parts(cfg: DictConfig) -> RunParts:
     model = build_model(cfg.model.name, input_kind=stream.input_kind, num_classes=stream.num_classes,
                         vocab_size=stream.vocab_size, in_dim=in_dim, pad_id=stream.pad_id,
                         task="lm" if stream.objective == "lm" else "classify", **model_kw)
-    strategies = [build_strategy(cfg.strategy.name, **_kwargs(cfg.strategy))]
+    strategies = [build_strategy(cfg.strategy.get("name"), **_kwargs(cfg.strategy))]
     optim_kw = _kwargs(cfg.optim)
 
     def make_optimizer(m):
-        return build_optimizer(m, cfg.optim.name, **optim_kw)
+        return build_optimizer(m, cfg.optim.get("name"), **optim_kw)
 
     learner = Learner(model, stream.num_classes, make_optimizer, strategies,
                       log_every=int(cfg.trainer.log_every), objective=stream.objective)
     return RunParts(stream, learner, strategies)
+
+
+def custom_stream(task: dict) -> TaskStream:
+    """`task._target_`: a callable returning a TaskStream, called with the task's other fields."""
+    from nlcl.plugins import PluginError, call_target
+
+    stream = call_target(task, "task", drop=())
+    if not isinstance(stream, TaskStream):
+        raise PluginError(f"task._target_: {task['_target_']} returned {type(stream).__name__}, not a "
+                          "nlcl.streams.TaskStream")
+    return stream.validate()
 
 
 def trim_padding(pad_id: int):
@@ -184,6 +197,8 @@ NOT_FINGERPRINTED = {"": ("run_dir", "logger", "experiment_name", "variant"),
 def config_fingerprint(cfg: DictConfig) -> str:
     """Hash of everything that changes the result (not where it is written or how it is watched)."""
     d = OmegaConf.to_container(cfg, resolve=True)
+    if not d.get("plugins"):  # an empty list changes nothing: runs from before the field existed still resume
+        d.pop("plugins", None)
     for section, keys in NOT_FINGERPRINTED.items():
         node = d.get(section, {}) if section else d
         for k in keys:

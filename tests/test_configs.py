@@ -28,7 +28,9 @@ def test_the_config_groups_are_where_the_docs_say():
 REQUIRED = {"task=files": ["task.path=my.csv", "task.n_experiences=2"],
             "task=image_folder": ["task.path=my_images", "task.n_experiences=2"],
             "task=huggingface": ["task.path=my_hf_dataset", "task.n_experiences=2"],
-            "task=avalanche": ["task.benchmark._target_=my_module.make_benchmark"]}
+            "task=avalanche": ["task.benchmark._target_=my_module.make_benchmark"],
+            "task=custom": ["task._target_=nlcl.streams.clinc150_stream"],
+            "model=custom": ["model._target_=nlcl.models.transformer.TransformerBackbone"]}
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -15,9 +15,9 @@ OPTIMIZERS = ("adamw", "sgd", "muon", "m3", "m3_ema", "delta_momentum", "dmgd", 
 NORMALIZING = ("adamw", "muon", "m3", "m3_ema")
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
+def build_optimizer(model: nn.Module, name: str | None, lr: float, weight_decay: float = 0.0,
                     track_update_norm: bool = True, level_accumulation: str = "gradient",
-                    **kw) -> torch.optim.Optimizer:
+                    _target_: str | None = None, **kw) -> torch.optim.Optimizer:
     """A MultiFrequencyOptimizer whose levels each get optimizer `name`; `kw` goes to that optimizer.
 
     level_accumulation: how a slow level collects its period ("gradient", "gradient_literal",
@@ -27,10 +27,20 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
     For muon / m3 / m3_ema, `lr` is the orthogonalised path's rate and `adamw_lr` (in kw) the rate of
     the AdamW half (biases, norms, embeddings, heads); a level's lr_scale scales both.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got '{name}'")
+    normalizes = name in NORMALIZING
+    if _target_ is None and name not in OPTIMIZERS:
+        raise ValueError(f"optim.name must be one of {OPTIMIZERS} (or give optim._target_), got '{name}'")
 
-    if name in ("muon", "m3", "m3_ema"):
+    if _target_ is not None:  # any torch.optim.Optimizer class: cls(param_groups, lr=, weight_decay=, **kw)
+        from nlcl.plugins import resolve
+
+        target_cls = resolve(_target_, "optim._target_")
+        # say normalizes_gradient=true for Adam-like steps (see NORMALIZING): slow levels then step on means
+        normalizes = bool(kw.pop("normalizes_gradient", False))
+
+        def make(groups):
+            return target_cls(groups, lr=lr, weight_decay=weight_decay, **kw)
+    elif name in ("muon", "m3", "m3_ema"):
         excluded = muon_exclusions(model)
         adamw_lr = kw.pop("adamw_lr", 3e-4)
         cls = Muon if name == "muon" else M3
@@ -53,7 +63,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
             return cls(groups, lr=lr, weight_decay=weight_decay, **kw)
 
     opt = MultiFrequencyOptimizer(model, make, lr, track_update_norm=track_update_norm,
-                                  accumulation=level_accumulation, normalizes_gradient=name in NORMALIZING)
+                                  accumulation=level_accumulation, normalizes_gradient=normalizes)
     for module in model.modules():
         if callable(getattr(module, "on_level_step", None)):
             opt.subscribe(module.on_level_step)

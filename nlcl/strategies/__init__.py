@@ -14,7 +14,16 @@ def strategy_names() -> list[str]:
     return sorted(STRATEGIES)
 
 
-def build_strategy(name: str, **kwargs) -> Strategy:
+def build_strategy(name: str | None, _target_: str | None = None, **kwargs) -> Strategy:
+    """A built-in by name, or `_target_`: a Strategy subclass (or a function returning one) called with kwargs."""
+    if _target_ is not None:
+        from nlcl.plugins import PluginError, call_target
+
+        strategy = call_target({"_target_": _target_, **kwargs}, "strategy")
+        if not isinstance(strategy, Strategy):
+            raise PluginError(f"strategy._target_: {_target_} returned {type(strategy).__name__}, not a "
+                              "nlcl.strategies.Strategy")
+        return strategy
     if name not in STRATEGIES:
         raise ValueError(f"strategy.name: unknown strategy '{name}'; allowed: {strategy_names()}")
     try:
