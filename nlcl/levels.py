@@ -3,7 +3,7 @@
 A module tagged with a `LevelSpec` (attribute `nl_level`) puts all of its parameters in that level,
 unless a descendant carries its own tag. Untagged parameters belong to the outer level (period 1 step).
 
-Two units exist (see DESIGN.md):
+Two units exist (docs/design.md):
 - `step`: the level's optimizer steps once every `period` optimizer steps, with the sum of the
   gradients accumulated over the period (paper Eq. 71).
 - `token`: the module updates fast weights inside the forward pass every `period` tokens; its

@@ -440,7 +440,7 @@ def build_report(paths, out: Path | None = None, plots: bool = True, metrics: li
           + (f", {n_failed} failed" if n_failed else "") + f" (from {', '.join(str(p) for p in paths)}).\n\n"
           "Cells: mean ± 95% CI half-width over seeds (Student t with n-1 degrees of freedom; no interval with "
           "one seed); accuracies in %. forgetting_max takes the best earlier accuracy as reference, "
-          "forgetting_first the accuracy right after learning (definitions: shared/reference/cl-metrics.md). "
+          "forgetting_first the accuracy right after learning (definitions: docs/metrics.md). "
           "Standard deviations and n per metric are in report.csv, every run in runs.csv.\n",
           markdown_table(agg, metrics)]
     if left_out:

@@ -191,7 +191,7 @@ def test_dgd_closed_form_is_the_proximal_solution(key_norm):
 
 
 def test_dgd_is_the_gated_delta_rule():
-    """DESIGN.md's reduction, checked through the public functions: a = alpha, b = eta/alpha, v' = alpha v_hat."""
+    """The reduction of docs/design.md, checked through the public functions: a = alpha, b = eta/alpha, v' = alpha v_hat."""
     x = make_inputs(13, seed=5)
     alpha, eta = x["decay"], x["decay"] * x["step"]
     o1, S1 = mem.dgd_linear(x["q"], x["k"], x["v"], alpha, eta, 4, "dot", x["S0"])

@@ -6,6 +6,7 @@ checkout, and the test checks that `nlcl` was imported from the fresh environmen
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,9 +22,14 @@ def _sh(cmd, **kw):
 
 
 def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
+    # build from a copy of the sources: setuptools writes build/ beside them
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "nlcl", src / "nlcl", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / f, src / f)
     dist = tmp_path / "dist"
     # --no-build-isolation: setuptools comes from this environment, nothing is fetched
-    _sh([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)],
+    _sh([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)],
         cwd=tmp_path)
     wheel = next(dist.glob("nlcl-*.whl"))
 

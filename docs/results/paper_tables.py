@@ -5,7 +5,7 @@
     python docs/results/paper_tables.py ablations runs/hope_ablations
 
 Reads finished runs through nlcl.report.load_runs (the same loader as `nlcl report`) and prints a
-markdown table; the paper's numbers are those of shared/reference/nested-learning.md, §6.7-6.9.
+markdown table; the paper's numbers are those of its §6.7-6.9 (arXiv 2512.24695).
 """
 from __future__ import annotations
 

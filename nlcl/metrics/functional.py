@@ -8,7 +8,7 @@ The accuracy matrix ``R`` has shape ``[T+1, T]``:
 
 In the docstrings ``R_{i,j}`` uses the papers' 1-based task index for ``j``, which is column
 ``j-1`` of the array; the row index is the same in both (row 0 = before training).
-Definitions follow ``reference/cl-metrics.md``; every function names its variant.
+Definitions: docs/metrics.md; every function names its variant.
 
 Inputs may be numpy arrays, torch tensors or nested lists; scalars come back as Python floats and
 vectors as float64 numpy arrays. Metrics that need at least two experiences (BWT, FWT, forgetting,

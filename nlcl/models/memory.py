@@ -278,7 +278,7 @@ def dgd_linear(q: Tensor, k: Tensor, v_hat: Tensor, alpha: Tensor, eta: Tensor, 
     `l2`:  M_t = M_{t-1}(alpha_t I - eta_t k_t k_t^T) + eta_t (v_hat_t - M_0 k_t) k_t^T, M_0 = chunk start
 
     Both are the gated delta rule with a = alpha, b = eta / alpha and v' = alpha v_hat
-    (`l2`: v' = alpha (v_hat - M_0 k)). Keep eta <= alpha for `l2` at small chunks (DESIGN.md).
+    (`l2`: v' = alpha (v_hat - M_0 k)). Keep eta <= alpha for `l2` at small chunks (docs/design.md).
     """
     _check_objective(objective)
     return _gated_delta(q, k, alpha.unsqueeze(-1) * v_hat, alpha.log(), eta / alpha, chunk_size,
