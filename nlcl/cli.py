@@ -70,6 +70,10 @@ def _hydra_run(argv: list[str]) -> int:
             validate(cfg)
             results = run(cfg)
             return results["metrics"]["acc_final"]
+        except KeyboardInterrupt:
+            hc = HydraConfig.get()
+            _say_interrupted(Path(cfg.run_dir), list(hc.overrides.task), hc.sweep.dir if multirun else None, argv)
+            raise SystemExit(130) from None
         except (ConfigError, ValueError, FileNotFoundError) as e:
             if not multirun:
                 print(f"nlcl: error: {e}", file=sys.stderr)
@@ -98,6 +102,27 @@ def _hydra_run(argv: list[str]) -> int:
     sys.argv = ["nlcl run", *argv]
     app()
     return 0
+
+
+def _say_interrupted(run_dir: Path, overrides: list[str], sweep_dir: str | None, argv: list[str]) -> None:
+    """After Ctrl-C: what is saved, and the command that resumes from it."""
+    import shlex
+
+    from nlcl.results import resume_command, safe_torch_load
+    from nlcl.runner import STATE_FILE
+
+    state = run_dir / STATE_FILE
+    try:
+        done = len(safe_torch_load(state)["R_cil"]) - 1
+        saved = f"{done} finished experience{'s' * (done != 1)} saved in {state}"
+    except (OSError, KeyError, RuntimeError, ValueError):
+        saved = "no experience finished yet, nothing to resume from"
+    print(f"\n[nlcl] interrupted: {saved}.\n[nlcl] resume this run with:\n  {resume_command(run_dir, overrides)}",
+          file=sys.stderr)
+    if sweep_dir is not None:  # finished runs of the sweep are reused, unfinished ones resume
+        rest = [a for a in argv if not a.startswith(("hydra.sweep.dir=", "+hydra.callbacks."))]
+        print(f"[nlcl] or the whole sweep with:\n  nlcl run {' '.join(map(shlex.quote, rest))} "
+              f"{shlex.quote(f'hydra.sweep.dir={sweep_dir}')}", file=sys.stderr)
 
 
 class SweepSummary(Callback):

@@ -40,6 +40,7 @@ class TrainerConfig:
     limit_train_batches: float | None = None  # a fraction in (0, 1], or (an int) a number of batches
     eval_every_n_steps: int | None = None  # step-granular evaluation (forgetting curves, stability gap)
     eval_subsample: int = 100  # test samples per experience for those evaluations
+    mask_unseen: bool = True  # training loss over the classes seen so far; false: over all (avalanche's default)
 
 
 @dataclass

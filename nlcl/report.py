@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nlcl.results import atomic_write_bytes, atomic_write_text, find_runs, format_matrix, load_run
+from nlcl.results import atomic_write_bytes, atomic_write_text, find_runs, format_matrix, load_run, resume_command
 
 GROUP_KEYS = ["stream", "model", "strategy", "optim", "variant"]
 HEADLINE = ["acc_final", "acc_avg_incremental", "forgetting_max", "forgetting_first", "bwt", "learning_accuracy",
@@ -143,7 +143,7 @@ def load_runs(paths) -> tuple[list[dict], list[dict]]:
             finished.append(r)
         for folder in _unfinished_folders(p):
             left_out.append({"run_dir": str(folder), "status": "incomplete",
-                             "error": "no results.json: still running or killed (the same command resumes it)"})
+                             "error": f"no results.json: still running or killed; resume it with: {resume_command(folder)}"})
     return finished, left_out
 
 
@@ -293,7 +293,8 @@ def fig_accuracy_matrices(runs: list[dict]):
                 ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=6,
                         color="white" if R[i, j] < mid else "black")
         names = [e["name"] for e in rs[0].get("experiences", [])] or [str(j) for j in range(R.shape[1])]
-        ax.set_xticks(range(R.shape[1]), [n[:10] for n in names], rotation=60, ha="right", fontsize=6)
+        ax.set_xticks(range(R.shape[1]), [f"{j}: {n}" for j, n in enumerate(names)], rotation=60, ha="right",
+                      fontsize=6)  # names in full, numbered: never cut into look-alikes
         ax.set_yticks(range(R.shape[0]), ["init"] + [f"after {i}" for i in range(R.shape[0] - 1)], fontsize=6)
         ax.set_title(_wrap(f"{label} (n={len(rs)})", 40), fontsize=7)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)

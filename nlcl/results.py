@@ -122,14 +122,20 @@ def runs_table(paths) -> "pandas.DataFrame":
 def format_matrix(R, row_labels=None, col_labels=None, scale: float = 100.0) -> str:
     """Plain-text accuracy matrix (percent by default)."""
     n_cols = len(R[0]) if len(R) else 0
-    col_labels = col_labels or [f"e{j}" for j in range(n_cols)]
+    names = list(col_labels or [])
+    width = 8
+    # names that do not fit a column are never cut (cut names can coincide, e.g. "banking-0" and
+    # "banking-1"): the columns become e0, e1, ... and a legend below gives every name in full
+    legend = bool(names) and any(len(c) > width - 1 for c in names)
+    cols = [f"e{j}" for j in range(n_cols)] if legend or not names else names
     row_labels = row_labels or (["init"] + [f"after e{i}" for i in range(len(R) - 1)])
-    width = 8  # names are cut to fit: the order of columns is the order of experiences
-    lines = [" " * 10 + "".join(f"{c[:width - 1]:>{width}}" for c in col_labels)]
+    lines = [" " * 10 + "".join(f"{c:>{width}}" for c in cols)]
     for label, row in zip(row_labels, R):
         cells = "".join(f"{'nan' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{scale * v:.{1 if scale * abs(v) < 1e5 else 0}f}':>{width}}"
                         for v in row)
         lines.append(f"{label[:10]:<10}{cells}")
+    if legend:
+        lines += [f"  e{j} = {name}" for j, name in enumerate(names)]
     return "\n".join(lines)
 
 
@@ -151,7 +157,8 @@ def plot_accuracy_matrix(R, path: Path, title: str = "", col_labels=None, percen
         for j in range(R.shape[1]):
             ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=7,
                     color=("white" if R[i, j] < mid else "black") if percent else ("white" if R[i, j] > mid else "black"))
-    ax.set_xticks(range(R.shape[1]), col_labels or [str(j) for j in range(R.shape[1])], rotation=45, ha="right", fontsize=7)
+    ax.set_xticks(range(R.shape[1]), [f"{j}: {n}" for j, n in enumerate(col_labels)] if col_labels
+                  else [str(j) for j in range(R.shape[1])], rotation=45, ha="right", fontsize=7)  # names in full
     ax.set_yticks(range(R.shape[0]), ["init"] + [f"after {i}" for i in range(R.shape[0] - 1)], fontsize=7)
     ax.set_xlabel("evaluated on experience")
     ax.set_ylabel("trained up to")
@@ -162,3 +169,21 @@ def plot_accuracy_matrix(R, path: Path, title: str = "", col_labels=None, percen
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def resume_command(run_dir: Path, overrides: list[str] | None = None) -> str:
+    """The command that resumes (or reuses) the run in `run_dir`: its own overrides, recorded by Hydra
+    in .hydra/overrides.yaml, with run_dir pinned (the default folder name carries a timestamp, so
+    the bare command would start a new run elsewhere)."""
+    import shlex
+
+    import yaml
+
+    run_dir = Path(run_dir)
+    if overrides is None:
+        try:
+            overrides = [str(o) for o in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []]
+        except (OSError, ValueError, yaml.YAMLError):
+            overrides = []
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("run_dir=", "hydra.", "hydra/"))]
+    return " ".join(["nlcl run", *map(shlex.quote, keep), shlex.quote(f"run_dir={run_dir}")])

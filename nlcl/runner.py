@@ -34,6 +34,7 @@ from nlcl.learner import Learner
 from nlcl.models import build_model, count_parameters
 from nlcl.optim import build_optimizer
 from nlcl.plugins import load_plugins
+from nlcl.progress import PlainProgress
 from nlcl.results import (atomic_torch_save, atomic_write_json, atomic_write_text, format_matrix,
                           plot_accuracy_matrix, safe_torch_load, write_metrics_csv)
 from nlcl.streams import build_stream
@@ -86,7 +87,8 @@ def build_parts(cfg: DictConfig) -> RunParts:
         return build_optimizer(m, cfg.optim.get("name"), **optim_kw)
 
     learner = Learner(model, stream.num_classes, make_optimizer, strategies,
-                      log_every=int(cfg.trainer.log_every), objective=stream.objective)
+                      log_every=int(cfg.trainer.log_every), objective=stream.objective,
+                      mask_unseen=bool(cfg.trainer.get("mask_unseen", True)))
     return RunParts(stream, learner, strategies)
 
 
@@ -197,8 +199,11 @@ NOT_FINGERPRINTED = {"": ("run_dir", "logger", "experiment_name", "variant"),
 def config_fingerprint(cfg: DictConfig) -> str:
     """Hash of everything that changes the result (not where it is written or how it is watched)."""
     d = OmegaConf.to_container(cfg, resolve=True)
-    if not d.get("plugins"):  # an empty list changes nothing: runs from before the field existed still resume
+    # fields at their defaults that change nothing: runs from before they existed still resume
+    if not d.get("plugins"):
         d.pop("plugins", None)
+    if d.get("trainer", {}).get("mask_unseen", True) is True:
+        d.get("trainer", {}).pop("mask_unseen", None)
     for section, keys in NOT_FINGERPRINTED.items():
         node = d.get(section, {}) if section else d
         for k in keys:
@@ -304,8 +309,10 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
             loader = DataLoader(train_set, batch_size=int(tcfg.batch_size), shuffle=True, drop_last=False,
                                 generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + i),
                                 collate_fn=trim_padding(stream.pad_id))
-            show_bar = bool(tcfg.progress_bar) and not quiet
-            bar = [TQDMProgressBar(refresh_rate=max(1, len(loader) // 20))] if show_bar else []
+            progress = bool(tcfg.progress_bar) and not quiet
+            show_bar = progress and sys.stdout.isatty()  # a terminal gets tqdm's bar, a log file plain lines
+            bar = ([TQDMProgressBar(refresh_rate=max(1, len(loader) // 20))] if show_bar
+                   else [PlainProgress(i, exp.name)] if progress else [])
             trainer = L.Trainer(max_epochs=int(tcfg.epochs), accelerator="gpu" if device.type == "cuda" else "cpu",
                                 devices=1, precision=tcfg.precision, logger=loggers or False,
                                 callbacks=[*strategies, *step_eval, *bar, *callbacks], enable_checkpointing=False,
@@ -315,7 +322,11 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
                                 gradient_clip_algorithm=tcfg.get("gradient_clip_algorithm", "norm"),
                                 limit_train_batches=tcfg.get("limit_train_batches") or 1.0,
                                 default_root_dir=str(run_dir))
-            trainer.fit(learner, train_dataloaders=loader)
+            try:
+                trainer.fit(learner, train_dataloaders=loader)
+            except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1); keep it a KeyboardInterrupt
+                if not trainer.interrupted:
+                    raise
             if trainer.interrupted:
                 raise KeyboardInterrupt(f"training interrupted during experience {i}")
         t1 = time.perf_counter()
