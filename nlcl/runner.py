@@ -376,6 +376,7 @@ def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_di
         "score_name": stream.metric_name, "higher_is_better": hib,
         "accuracy_matrix": R_cil, "accuracy_matrix_task_il": R_til,
         "metrics": {**metrics, **metrics_til},
+        "class_names": list(stream.class_names),  # class id -> name, in full
         "experiences": [{"index": e.index, "name": e.name, "classes": list(e.classes),
                          "task_label": e.task_label, "n_train": len(e.train), "n_test": len(e.test)}
                         for e in stream.experiences],

@@ -161,6 +161,11 @@ def test_huggingface_dataset_from_disk(tmp_path, table):
     dd.save_to_disk(str(tmp_path / "hf"))
     s = build_stream("huggingface", path=str(tmp_path / "hf"), n_experiences=2, **_cols())
     assert s.class_names == sorted(CLASSES) and [len(e.test) for e in s.experiences] == [9, 9]
+    # integer ClassLabel columns come back as their names
+    dd.class_encode_column("intent").save_to_disk(str(tmp_path / "hf_int"))
+    ints = build_stream("huggingface", path=str(tmp_path / "hf_int"), n_experiences=2, **_cols())
+    assert ints.class_names == sorted(CLASSES)
+    assert torch.equal(ints.experiences[1].test.x, s.experiences[1].test.x)
 
 
 def test_a_files_task_runs_through_the_runner(table, tmp_path):
@@ -174,4 +179,4 @@ def test_a_files_task_runs_through_the_runner(table, tmp_path):
     results = run(cfg)
     assert results["status"] == "finished" and len(results["accuracy_matrix"]) == 3
     assert [e["name"] for e in results["experiences"]] == [f"{LONG}+billing+cancel", "delivery+exchange+feedback"]
-    assert results["stream"] == "my_intents"
+    assert results["stream"] == "my_intents" and results["class_names"] == sorted(CLASSES)
