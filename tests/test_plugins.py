@@ -90,3 +90,20 @@ def test_joblib_sweep_with_a_plugin_stream_and_a_plugin_model(tmp_path):
     assert {r["stream"] for r in runs} == {"first_token"} and {r["model"] for r in runs} == {"cumulative_mean"}
     assert {r["seed"] for r in runs} == {0, 1}
     assert "2 runs finished, 0 failed" in out.stdout
+
+    # nlcl evaluate, another process again, rebuilds the plugin stream and model from the run's config
+    run_dir = sorted(p.parent for p in sweep.glob("*/results.json"))[0]
+    ev = subprocess.run([sys.executable, "-m", "nlcl.cli", "evaluate", str(run_dir), "task.seed=7", "--name", "fresh"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+    record = json.loads((run_dir / "evaluations" / "fresh.json").read_text())
+    assert record["experiences"] == ["tokens [0, 1]", "tokens [2, 3]"] and len(record["scores"]) == 2
+
+
+def test_task_avalanche_builds_the_benchmark_from_config(tmp_path):
+    cfg = validate(compose([f"run_dir={tmp_path / 'r'}", "task=avalanche",
+                            "task.benchmark._target_=my_nlcl_plugin.tiny_benchmark", "+task.benchmark.n_experiences=2",
+                            "model=mlp"]))
+    parts = build_parts(cfg)
+    assert len(parts.stream) == 2 and parts.stream.input_kind == "image" and parts.stream.num_classes == 4
+    assert type(parts.learner.model).__name__ == "MLPClassifier"

@@ -57,3 +57,19 @@ class BagOfTokens(nn.Module):
 
 
 register_backbone("cumulative_mean", lambda vocab_size, pad_id, d_model=16: CumulativeMean(vocab_size, pad_id, d_model))
+
+
+def tiny_benchmark(n_experiences: int = 2, seed: int = 0):
+    """An avalanche-lib benchmark of random 1x4x4 images in 4 classes (for task=avalanche)."""
+    from avalanche.benchmarks import nc_benchmark
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+
+    def ds(n):
+        y = torch.arange(n) % 4
+        d = TensorDataset(torch.rand(n, 1, 4, 4, generator=g) + y[:, None, None, None], y)
+        d.targets = y.tolist()
+        return d
+
+    return nc_benchmark(ds(40), ds(20), n_experiences=n_experiences, task_labels=False, seed=seed)
