@@ -41,6 +41,9 @@ class TrainerConfig:
     eval_every_n_steps: int | None = None  # step-granular evaluation (forgetting curves, stability gap)
     eval_subsample: int = 100  # test samples per experience for those evaluations
     mask_unseen: bool = True  # training loss over the classes seen so far; false: over all (avalanche's default)
+    devices: int = 1  # processes per node (one per GPU); > 1 trains with trainer.strategy
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | fsdp (Lightning's strategies)
 
 
 @dataclass
@@ -122,6 +125,15 @@ def _check_trainer(t: DictConfig) -> None:
            f"trainer.gradient_clip: must be >= 0 or null, got {t.gradient_clip}")
     _check(t.gradient_clip_algorithm in ("norm", "value"),
            f"trainer.gradient_clip_algorithm: must be 'norm' or 'value', got {t.gradient_clip_algorithm!r}")
+    for field in ("devices", "num_nodes"):
+        _check(_is_int(t.get(field, 1)) and t.get(field, 1) >= 1,
+               f"trainer.{field}: must be an integer >= 1, got {t.get(field)!r}")
+    strategies = ("auto", "ddp", "ddp_spawn", "fsdp")
+    _check(t.get("strategy", "auto") in strategies,
+           f"trainer.strategy: '{t.get('strategy')}' is not one of {strategies}")
+    _check(t.get("devices", 1) * t.get("num_nodes", 1) == 1 or t.batch_size >= t.get("devices", 1) * t.get("num_nodes", 1),
+           f"trainer.batch_size: the global batch ({t.batch_size}) must have at least one sample per process "
+           f"(trainer.devices x trainer.num_nodes = {t.get('devices', 1) * t.get('num_nodes', 1)})")
     limit = t.get("limit_train_batches")
     _check(limit is None or (_is_int(limit) and limit >= 1) or (isinstance(limit, float) and 0 < limit <= 1),
            f"trainer.limit_train_batches: must be null, a fraction in (0, 1] or a number of batches >= 1, got {limit}")

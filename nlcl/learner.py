@@ -34,6 +34,8 @@ class Learner(L.LightningModule):
         self.optimizer = make_optimizer(model)  # built once: its state lives across experiences
         self.total_steps = 0
         self.experience = -1
+        self.batch_scale = 1.0  # this rank's weight of the current step's batch-mean losses
+        self.batch_share = None  # (this rank's samples, global batch samples) under several ranks
         self._loss_sum = torch.zeros(())
         self._loss_count = 0
 
@@ -62,6 +64,9 @@ class Learner(L.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = self.task_loss(logits, y)
+        self.batch_scale = self._batch_scale(batch_idx)
+        if self.batch_scale != 1.0:  # several ranks: see _batch_scale
+            loss = loss * self.batch_scale
         for strategy in self.strategies:
             extra = strategy.extra_loss(self, batch, logits)
             if extra is not None:
@@ -69,6 +74,21 @@ class Learner(L.LightningModule):
         self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
         self._loss_count += 1
         return loss
+
+    def _batch_scale(self, batch_idx: int) -> float:
+        """On N ranks each takes a share of the global batch and DDP averages the ranks' gradients, so a
+        share's mean loss is weighted by share / global * N: the average is then the global batch's mean
+        (a stand-in sample on an empty share gets 0). 1.0 on one process. No communication: the sizes
+        follow from the datamodule's batch plan."""
+        self.batch_share = None
+        if self._trainer is None or self.trainer.world_size == 1:
+            return 1.0
+        dm = self.trainer.datamodule
+        if not hasattr(dm, "batch_share"):
+            return 1.0
+        n_local, n_global = dm.batch_share(batch_idx)
+        self.batch_share = (n_local, n_global)
+        return n_local * self.trainer.world_size / n_global
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.total_steps += 1
@@ -79,6 +99,23 @@ class Learner(L.LightningModule):
             stats = getattr(self.optimizer, "level_stats", None)
             if stats is not None:
                 self.log_metrics(flatten_level_stats(stats()))
+
+    # ---- validation (when the datamodule serves validation sets): class-IL accuracy per experience ----
+    def on_validation_epoch_start(self):
+        self._val_counts: dict[int, torch.Tensor] = {}
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x, y = batch[0], batch[1]
+        hit = (self.masked(self(x).float()).argmax(-1) == y).sum().float()
+        count = self._val_counts.setdefault(dataloader_idx, torch.zeros(2, device=y.device))
+        count += torch.stack([hit, torch.tensor(float(len(y)), device=y.device)])
+
+    def on_validation_epoch_end(self):
+        if not self._val_counts:
+            return
+        keys = sorted(self._val_counts)
+        counts = self.trainer.strategy.reduce(torch.stack([self._val_counts[k] for k in keys]), reduce_op="sum")
+        self.log_metrics({f"val/acc_exp{k}": c[0] / c[1].clamp_min(1) for k, c in zip(keys, counts)})
 
     def log_metrics(self, metrics: dict) -> None:
         """Log against our monotone step counter (host sync happens here, outside forward/backward)."""

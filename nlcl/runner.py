@@ -29,7 +29,9 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from nlcl import distributed as D
 from nlcl import metrics as M
+from nlcl.datamodule import ContinualDataModule, default_datamodule, trim_padding  # noqa: F401 (re-exported)
 from nlcl.learner import Learner
 from nlcl.models import build_model, count_parameters
 from nlcl.optim import build_optimizer
@@ -103,31 +105,11 @@ def custom_stream(task: dict) -> TaskStream:
     return stream.validate()
 
 
-def trim_padding(pad_id: int):
-    """Collate that drops the padding columns every sequence of the batch has (right padding).
-
-    Causal models read a sequence's last real token, so trailing pads never change an output;
-    cutting them saves the work of attending over them.
-    """
-    from torch.utils.data import default_collate
-
-    def collate(items):
-        x, y = default_collate(items)
-        if x.dtype == torch.long and x.dim() == 2:
-            length = int((x != pad_id).any(0).nonzero().max()) + 1 if (x != pad_id).any() else 1
-            x = x[:, :length]
-            if y.dim() == 2:
-                y = y[:, :length]
-        return x, y
-
-    return collate
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Dataset, seen_mask: torch.Tensor, task_classes: list[int],
-             batch_size: int, device, pad_id: int = 0) -> tuple[float, float]:
-    """Class-IL accuracy (argmax over every class seen so far) and task-IL accuracy (argmax over the
-    experience's own classes), both from the same logits."""
+def count_correct(model: torch.nn.Module, loader, seen_mask: torch.Tensor, task_classes: list[int],
+                  device) -> torch.Tensor:
+    """[correct class-IL, correct task-IL, samples] over `loader`: class-IL predicts over every class
+    seen so far, task-IL over the experience's own classes, both from the same logits."""
     was_training = model.training
     model.eval()
     task_mask = torch.zeros_like(seen_mask)
@@ -135,19 +117,31 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, seen_mask: torch.Tensor, 
     correct_cil = torch.zeros((), device=device)
     correct_til = torch.zeros((), device=device)
     n = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=trim_padding(pad_id)):
+    for x, y in loader:
         x, y = x.to(device), y.to(device)
         logits = model(x).float()
         correct_cil += (logits.masked_fill(~seen_mask, float("-inf")).argmax(-1) == y).sum()
         correct_til += (logits.masked_fill(~task_mask, float("-inf")).argmax(-1) == y).sum()
         n += len(y)
     model.train(was_training)
-    return (correct_cil / n).item(), (correct_til / n).item()
+    return torch.stack([correct_cil, correct_til, torch.tensor(float(n), device=device)])
 
 
-def evaluate_all(learner: Learner, stream: TaskStream, batch_size: int, seen_upto: int) -> tuple[list, list]:
+def evaluate(model: torch.nn.Module, dataset: Dataset, seen_mask: torch.Tensor, task_classes: list[int],
+             batch_size: int, device, pad_id: int = 0) -> tuple[float, float]:
+    """Class-IL and task-IL accuracy of `model` on all of `dataset` (one process)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=trim_padding(pad_id))
+    c = count_correct(model, loader, seen_mask, task_classes, device)
+    return (c[0] / c[2]).item(), (c[1] / c[2]).item()
+
+
+def evaluate_all(learner: Learner, stream: TaskStream, batch_size: int, seen_upto: int,
+                 datamodule: ContinualDataModule | None = None) -> tuple[list, list]:
+    """One row of R (class-IL and task-IL). Under several processes each rank counts its share of every
+    test set and the counts are summed over the ranks (integers: exact), so every rank gets the same row."""
     device = learner.device
     if stream.scorer is not None:  # e.g. exact match or perplexity; no class-IL/task-IL split
+        # stream scorers read whole experiences: every rank scores all of them (same model, same result)
         was_training = learner.model.training
         learner.model.eval()
         with torch.no_grad():
@@ -159,11 +153,13 @@ def evaluate_all(learner: Learner, stream: TaskStream, batch_size: int, seen_upt
         seen[:] = True
     else:
         seen[stream.classes_seen(seen_upto)] = True
-    cil, til = [], []
-    for e in stream.experiences:
-        a, b = evaluate(learner.model, e.test, seen, e.classes, batch_size, device, stream.pad_id)
-        cil.append(a)
-        til.append(b)
+    dm = datamodule or ContinualDataModule(stream, 1, batch_size)
+    loaders = dm.test_dataloaders(stream)
+    counts = torch.stack([count_correct(learner.model, loader, seen, e.classes, device)
+                          for e, loader in zip(stream.experiences, loaders)])
+    D.all_reduce_sum_([counts])
+    cil = (counts[:, 0] / counts[:, 2]).tolist()
+    til = (counts[:, 1] / counts[:, 2]).tolist()
     return cil, til
 
 
@@ -193,7 +189,10 @@ class StepEvaluator(L.Callback):
 
 # settings that change how a run is watched, never what it learns or the matrix R it reports
 NOT_FINGERPRINTED = {"": ("run_dir", "logger", "experiment_name", "variant"),
-                     "trainer": ("progress_bar", "log_every", "eval_batch_size", "eval_every_n_steps", "eval_subsample")}
+                     "trainer": ("progress_bar", "log_every", "eval_batch_size", "eval_every_n_steps", "eval_subsample",
+                                 # how many processes share the work: same batches, same R up to float
+                                 # reduction order, so a run may resume on another number of devices
+                                 "devices", "num_nodes", "strategy")}
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
@@ -245,6 +244,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")  # no validation sets
 
 
 def run_device(tcfg: DictConfig) -> torch.device:
@@ -253,11 +253,32 @@ def run_device(tcfg: DictConfig) -> torch.device:
                         (tcfg.accelerator == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
-    """Run (or resume) the experiment described by `cfg`; returns the results dict."""
+def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodule=None) -> dict:
+    """Run (or resume) the experiment described by `cfg`; returns the results dict.
+
+    `datamodule(stream, cfg, train_transform)` builds the run's `ContinualDataModule` (default:
+    `nlcl.datamodule.default_datamodule`); hand in your own factory to change how batches are made.
+    """
     quiet_lightning()
+    tcfg = cfg.trainer
+    world = int(tcfg.get("devices", 1)) * int(tcfg.get("num_nodes", 1))
+    device = run_device(tcfg)
+    if world > 1:  # all ranks run this function; rank 0 alone writes files and prints
+        fabric = D.start_processes("gpu" if device.type == "cuda" else "cpu", int(tcfg.devices),
+                                   int(tcfg.num_nodes), str(tcfg.strategy))
+        device = fabric.device
+        if D.world_size() != world:
+            raise RuntimeError(f"trainer.devices x trainer.num_nodes = {world}, but {D.world_size()} processes started")
+        # a run_dir that holds a time stamp may differ by a second between ranks: rank 0's wins
+        cfg = cfg.copy()
+        cfg.run_dir = D.broadcast_object(str(cfg.run_dir))
+        quiet = quiet or not D.is_rank_zero()
+    writer = D.is_rank_zero()
     parts = build_parts(cfg)
     stream, learner, strategies = parts.stream, parts.learner, parts.strategies
+    datamodule = (datamodule or default_datamodule)(stream, cfg, strategies[0].train_dataset)
+    if not isinstance(datamodule, ContinualDataModule):
+        raise TypeError(f"datamodule: the factory must return a ContinualDataModule, got {type(datamodule).__name__}")
     run_dir = Path(cfg.run_dir)
     fingerprint = config_fingerprint(cfg)
     state_path = run_dir / STATE_FILE
@@ -278,16 +299,15 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
         timings, curves = state["timings"], state.get("curves", [])
         start_exp = len(R_cil) - 1
         say(f"[nlcl] resuming {run_dir} after experience {start_exp - 1} ({start_exp}/{len(stream)} done)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    tcfg = cfg.trainer
-    device = run_device(tcfg)
     learner.to(device)
     if not R_cil:  # the before-training row
-        cil, til = evaluate_all(learner, stream, int(tcfg.eval_batch_size), seen_upto=-1)
+        cil, til = evaluate_all(learner, stream, int(tcfg.eval_batch_size), seen_upto=-1, datamodule=datamodule)
         R_cil, R_til = [cil], [til]
-    loggers = make_loggers(cfg, run_dir)
+    loggers = make_loggers(cfg, run_dir) if writer else []
     n_params = count_parameters(learner.model)
     say(f"[nlcl] {cfg.model.name} ({n_params:,} parameters) x {cfg.strategy.name} on {stream.name} "
         f"({len(stream)} experiences) -> {run_dir}")
@@ -302,19 +322,21 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
         learner.start_experience(i, stream.classes_seen(i))
         for s in strategies:
             s.before_experience(learner, stream, i)
-        train_set = strategies[0].train_dataset(stream, i)
+        datamodule.set_experience(i)
+        train_set = datamodule.train_set()
         t0 = time.perf_counter()
         steps_before = learner.total_steps
         if len(train_set) > 0:
-            loader = DataLoader(train_set, batch_size=int(tcfg.batch_size), shuffle=True, drop_last=False,
-                                generator=torch.Generator().manual_seed(int(cfg.seed) * 1000 + i),
-                                collate_fn=trim_padding(stream.pad_id))
+            n_batches = -(-len(train_set) // int(tcfg.batch_size))
             progress = bool(tcfg.progress_bar) and not quiet
             show_bar = progress and sys.stdout.isatty()  # a terminal gets tqdm's bar, a log file plain lines
-            bar = ([TQDMProgressBar(refresh_rate=max(1, len(loader) // 20))] if show_bar
+            bar = ([TQDMProgressBar(refresh_rate=max(1, n_batches // 20))] if show_bar
                    else [PlainProgress(i, exp.name)] if progress else [])
             trainer = L.Trainer(max_epochs=int(tcfg.epochs), accelerator="gpu" if device.type == "cuda" else "cpu",
-                                devices=1, precision=tcfg.precision, logger=loggers or False,
+                                devices=int(tcfg.get("devices", 1)), num_nodes=int(tcfg.get("num_nodes", 1)),
+                                strategy=D.trainer_strategy(str(tcfg.get("strategy", "auto")), world),
+                                use_distributed_sampler=False,  # the datamodule shards each global batch itself
+                                precision=tcfg.precision, logger=loggers or False,
                                 callbacks=[*strategies, *step_eval, *bar, *callbacks], enable_checkpointing=False,
                                 enable_model_summary=False, num_sanity_val_steps=0,
                                 enable_progress_bar=show_bar,
@@ -323,7 +345,7 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
                                 limit_train_batches=tcfg.get("limit_train_batches") or 1.0,
                                 default_root_dir=str(run_dir))
             try:
-                trainer.fit(learner, train_dataloaders=loader)
+                trainer.fit(learner, datamodule=datamodule)
             except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1); keep it a KeyboardInterrupt
                 if not trainer.interrupted:
                     raise
@@ -332,7 +354,7 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
         t1 = time.perf_counter()
         for s in strategies:
             s.after_experience(learner, stream, i)
-        cil, til = evaluate_all(learner, stream, int(tcfg.eval_batch_size), seen_upto=i)
+        cil, til = evaluate_all(learner, stream, int(tcfg.eval_batch_size), seen_upto=i, datamodule=datamodule)
         t2 = time.perf_counter()
         R_cil.append(cil)
         R_til.append(til)
@@ -345,15 +367,18 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
                            step=learner.total_steps)
         say(f"[nlcl] experience {i} ({exp.name}): trained {learner.total_steps - steps_before} steps in "
             f"{t1 - t0:.1f}s; accuracy on seen experiences {100 * sum(cil[: i + 1]) / (i + 1):.1f}%")
-        atomic_torch_save(state_path, {"fingerprint": fingerprint, "learner": learner.run_state(),
-                                       "R_cil": R_cil, "R_til": R_til, "timings": timings, "curves": curves})
+        run_state = learner.run_state()  # a collective under FSDP: every rank takes part
+        if writer:
+            atomic_torch_save(state_path, {"fingerprint": fingerprint, "learner": run_state,
+                                           "R_cil": R_cil, "R_til": R_til, "timings": timings, "curves": curves})
+        D.barrier()  # nobody goes on (or is killed) while rank 0 is still writing
 
-    results = finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir)
+    results = finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir, write=writer)
     for lg in loggers:
         lg.log_metrics({f"final/{k}": v for k, v in results["metrics"].items() if isinstance(v, float)},
                        step=learner.total_steps)
         lg.finalize("success")
-    if cfg.logger.get("wandb", False):
+    if cfg.logger.get("wandb", False) and writer:
         import wandb
 
         wandb.finish()
@@ -362,7 +387,7 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False) -> dict:
     return results
 
 
-def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir: Path) -> dict:
+def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir: Path, write: bool = True) -> dict:
     hib = stream.higher_is_better
     metrics = M.all_metrics(torch.tensor(R_cil), higher_is_better=hib)
     metrics_til = {f"{k}_task_il": v for k, v in M.all_metrics(torch.tensor(R_til), higher_is_better=hib).items()}
@@ -385,6 +410,8 @@ def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_di
         "total_steps": learner.total_steps, "level_telemetry": telemetry, "curves": curves,
         "versions": versions(), "config_fingerprint": config_fingerprint(cfg),
     }
+    if not write:
+        return results
     atomic_write_json(run_dir / "results.json", results)
     write_metrics_csv(run_dir / "metrics.csv", results["metrics"])
     plot_accuracy_matrix(R_cil, run_dir / "accuracy_matrix.png",

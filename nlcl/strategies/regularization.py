@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from nlcl import distributed as D
 from nlcl.streams.base import TaskStream
 from nlcl.strategies.base import Strategy
 
@@ -56,8 +57,11 @@ def empirical_fisher(learner, data, batch_size: int = 64, max_samples: int | Non
     was_training = model.training
     model.eval()
     n_batches = 0
+    rank, world = D.rank(), D.world_size()
     with torch.enable_grad():
-        for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+        for j, (x, y) in enumerate(DataLoader(data, batch_size=batch_size, shuffle=False)):
+            if j % world != rank:  # several ranks: each takes every world-th batch, sums are all-reduced
+                continue
             x, y = x.to(device), y.to(device)
             loss = learner.task_loss(learner(x), y)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
@@ -66,6 +70,9 @@ def empirical_fisher(learner, data, batch_size: int = 64, max_samples: int | Non
                     fisher[k] += g.detach().float().pow(2)
             n_batches += 1
     model.train(was_training)
+    if world > 1:
+        D.all_reduce_sum_(list(fisher.values()))
+        n_batches = int(D.all_reduce_sum_([torch.tensor([n_batches])])[0])
     return {k: f / max(n_batches, 1) for k, f in fisher.items()}
 
 
@@ -237,7 +244,9 @@ class LwF(Strategy):
             return torch.zeros((), device=logits.device)
         with torch.no_grad():
             teacher_logits = self.teacher(x)
-        return self.alpha * distillation_loss(logits, teacher_logits, self.old_classes, self.temperature)
+        # batch mean over this rank's share, weighted so that the ranks' average is the global batch mean
+        return self.alpha * getattr(learner, "batch_scale", 1.0) * distillation_loss(logits, teacher_logits, self.old_classes,
+                                                                    self.temperature)
 
     def extra_loss(self, learner, batch, logits):
         return self.distillation(learner, batch[0], logits) if self.teacher is not None else None

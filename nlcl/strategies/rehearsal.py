@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from nlcl import distributed as D
 from nlcl.streams.base import TaskStream, TensorPairDataset
 from nlcl.strategies.base import Strategy
 
@@ -143,6 +144,8 @@ class _WithEpisodicMemory(Strategy):
 
     def after_experience(self, learner, stream, index):
         self.memory.add(stream.experiences[index].train)
+        if D.active():  # every rank fills it from the same data; rank 0's copy makes them identical by construction
+            self.memory.load_state_dict(D.broadcast_object(self.memory.state_dict()))
 
     def state_dict(self):
         return {"memory": self.memory.state_dict()}
@@ -167,7 +170,8 @@ class Replay(_WithEpisodicMemory):
         if len(self.memory) == 0:
             return None
         x, y = self.memory.sample(self.replay_batch_size, logits.device)
-        return self.replay_weight * learner.task_loss(learner(x), y)
+        (x, y), scale = D.take_share(len(y), x, y, what="strategy.replay_batch_size")  # same draw on every rank
+        return self.replay_weight * scale * learner.task_loss(learner(x), y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,10 +207,14 @@ class AGEM(_WithEpisodicMemory):
 
     def reference_gradient(self, learner, params: list[torch.Tensor]) -> list[torch.Tensor]:
         x, y = self.memory.sample(self.sample_size, params[0].device)
+        (x, y), scale = D.take_share(len(y), x, y, what="strategy.sample_size")  # same draw on every rank
         with torch.enable_grad():
             loss = learner.task_loss(learner(x), y)
             ref = torch.autograd.grad(loss, params, allow_unused=True)
-        return [torch.zeros_like(p) if r is None else r for p, r in zip(params, ref)]
+        ref = [torch.zeros_like(p) if r is None else r for p, r in zip(params, ref)]
+        if D.active():  # the memory sample's mean gradient: weighted shares summed over the ranks
+            ref = D.all_reduce_sum_([r * (scale / D.world_size()) for r in ref])
+        return ref
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if len(self.memory) == 0:
@@ -286,16 +294,35 @@ class DERPlusPlus(Strategy):
         device = logits.device
         if self.x.device != device:
             self.x, self.y, self.logits = self.x.to(device), self.y.to(device), self.logits.to(device)
+        # the same draws on every rank, each rank takes its share of them
         i = torch.randint(len(self), (self.replay_batch_size,), device=device)
+        (i,), scale = D.take_share(len(i), i, what="strategy.replay_batch_size")
         mse = F.mse_loss(learner(self.x[i]).float(), self.logits[i])
         j = torch.randint(len(self), (self.replay_batch_size,), device=device)
+        (j,), _ = D.take_share(len(j), j, what="strategy.replay_batch_size")
         ce = learner.task_loss(learner(self.x[j]), self.y[j])
-        return self.alpha * mse + self.beta * ce
+        return scale * (self.alpha * mse + self.beta * ce)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._pending is not None:
-            self.add(*self._pending)
+            pending = self._pending if not D.active() else self._gather(pl_module, *self._pending)
+            self.add(*pending)
             self._pending = None
+
+    def before_experience(self, learner, stream, index):
+        self.pad_id = stream.pad_id
+
+    def _gather(self, learner, x, y, logits):
+        """The global batch from every rank's share, in rank order (= the single-process batch), so that
+        every rank offers the reservoir the same samples with the same random draws."""
+        n_local = learner.batch_share[0] if learner.batch_share is not None else len(y)
+        parts = D.all_gather_objects((x[:n_local].cpu(), y[:n_local].cpu(), logits[:n_local].cpu()))
+        xs = [p[0] for p in parts]
+        if x.dim() == 2 and not x.is_floating_point():  # trimmed token batches: widen to the widest share
+            width = max(t.shape[1] for t in xs)
+            xs = [F.pad(t, (0, width - t.shape[1]), value=getattr(self, "pad_id", 0)) for t in xs]
+        return (torch.cat(xs).to(x.device), torch.cat([p[1] for p in parts]).to(y.device),
+                torch.cat([p[2] for p in parts]).to(logits.device))
 
     def state_dict(self):
         if self.x is None:

@@ -38,6 +38,7 @@ class Experience:
     train: TensorPairDataset
     test: TensorPairDataset
     task_label: int = 0
+    val: TensorPairDataset | None = None  # held-out training samples, when asked for (hold_out_validation)
 
 
 @dataclass
@@ -78,9 +79,12 @@ class TaskStream:
             seen.extend(c for c in e.classes if c not in seen)
         return seen
 
-    def hold_out_validation(self, per_class: int, seed: int = 0) -> "TaskStream":
+    def hold_out_validation(self, per_class: int, seed: int = 0, keep_test: bool = False) -> "TaskStream":
         """Replace every experience's test set by `per_class` training samples per class, removed from
-        its training set (seeded). Tune hyperparameters on this, never on the test split."""
+        its training set (seeded). Tune hyperparameters on this, never on the test split.
+
+        With `keep_test` the held-out samples become the experience's `val` set instead and the test set
+        stays (the datamodule then serves them as validation dataloaders)."""
         if self.objective != "classify":
             raise StreamError(f"task.validation_per_class: stream '{self.name}' scores with its own scorer; "
                               "a validation split is only defined for classification streams")
@@ -97,7 +101,11 @@ class TaskStream:
                 idx = idx[torch.randperm(len(idx), generator=g)]
                 val_idx.append(idx[:per_class])
                 train_idx.append(idx[per_class:])
-            e.test = e.train.subset(torch.cat(val_idx))
+            held_out = e.train.subset(torch.cat(val_idx))
+            if keep_test:
+                e.val = held_out
+            else:
+                e.test = held_out
             e.train = e.train.subset(torch.cat(train_idx).sort().values)
         return self
 
