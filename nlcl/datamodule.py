@@ -17,7 +17,8 @@ from typing import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, Subset,
+                              default_collate)
 
 from nlcl import distributed as D
 from nlcl.streams.base import TaskStream
@@ -45,9 +46,9 @@ def trim_padding(pad_id: int):
 class GlobalBatchSampler(Sampler[list[int]]):
     """This rank's share of every global batch of a (shuffled) pass over `n` items.
 
-    With `generator`, each pass draws `torch.randperm(n, generator)` when its first batch is asked
-    for, as `RandomSampler` does; give the DataLoader the same generator and the draws interleave
-    exactly as in `DataLoader(shuffle=True, generator=generator)`. Every rank yields the same number
+    With `generator`, the global batches are those of `BatchSampler(RandomSampler(generator))`; give
+    the DataLoader the same generator and every draw happens as in `DataLoader(shuffle=True,
+    generator=generator)`, pass after pass. Every rank yields the same number
     of batches (one per global batch); a share may be empty when the last global batch has fewer
     items than there are ranks.
     """
@@ -69,18 +70,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return hi - lo, m
 
     def __iter__(self):
-        order = (torch.randperm(self.n, generator=self.generator) if self.generator is not None
-                 else torch.arange(self.n)).tolist()
-        for start in range(0, self.n, self.batch_size):
-            batch = order[start: start + self.batch_size]
+        # torch's own samplers make the global batches, so the order and the generator draws (one
+        # permutation per pass, and one more when a pass runs out mid-batch) are DataLoader(shuffle)'s
+        order = RandomSampler(range(self.n), generator=self.generator) if self.generator is not None \
+            else SequentialSampler(range(self.n))
+        for batch in BatchSampler(order, self.batch_size, drop_last=False):
             lo, hi = D.share(len(batch), self.rank, self.world_size)
             # an empty share still takes part in the step (DDP's all-reduce) with a stand-in sample
             # whose loss the learner weights by 0 (see `share_sizes`)
             yield batch[lo:hi] if hi > lo else batch[:1]
-        if self.generator is not None:
-            # RandomSampler draws (and discards) one more permutation when a pass runs out; drawing it
-            # too keeps every later pass's permutation equal to the single-process one
-            torch.randperm(self.n, generator=self.generator)
 
 
 def shard(dataset: Dataset, rank: int, world: int) -> Dataset:

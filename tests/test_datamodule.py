@@ -115,3 +115,41 @@ def test_default_datamodule_reads_the_trainer_settings(tmp_path):
     cfg = validate(compose(tiny_overrides(tmp_path / "r", "trainer.eval_batch_size=7")))
     dm = default_datamodule(_stream(), cfg, None)
     assert (dm.batch_size, dm.eval_batch_size, dm.seed) == (16, 7, 0)
+
+
+class _Tiny(__import__("lightning").LightningModule):
+    """Records the labels of every batch Lightning feeds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.EmbeddingBag(50, 4)
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[1].clone())
+        return self.emb(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("n", [37, 32])
+def test_lightning_sees_the_same_batches_as_with_a_shuffled_dataloader(n):
+    """Lightning stops a sized loader after its last batch without asking for another; the batch plan
+    must draw from the generator exactly as DataLoader(shuffle=True) does even then (3 epochs)."""
+    import lightning as L
+
+    stream = _stream(n_train=n)
+
+    def fit(**data):
+        module = _Tiny()
+        L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, accelerator="cpu", devices=1,
+                  use_distributed_sampler=False).fit(module, **data)
+        return module.seen
+
+    ref = fit(train_dataloaders=DataLoader(stream.experiences[0].train, batch_size=8, shuffle=True,
+                                           generator=torch.Generator().manual_seed(0), collate_fn=trim_padding(0)))
+    ours = fit(datamodule=ContinualDataModule(stream, 8, seed=0).set_experience(0))
+    assert len(ours) == len(ref) == 3 * -(-n // 8)
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))

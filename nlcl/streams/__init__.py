@@ -12,6 +12,7 @@ from .knowledge import knowledge_in_context_stream, knowledge_stream
 from .lm_domains import lm_domains_stream
 from .synthetic import formal_languages_stream, mad_stream, mqar_stream, niah_stream
 from .text import banking77_stream, clinc150_stream
+from .token_files import token_files_stream
 from .tokenizers import (BPETokenizer, ByteTokenizer, Tokenizer, build_tokenizer, check_kwargs, gpt2_tokenizer,
                          train_bpe)
 from .vision import permuted_mnist_stream, split_mnist_stream
@@ -32,6 +33,7 @@ STREAMS: dict[str, Callable[..., TaskStream]] = {
     "image_folder": image_folder_stream,
     "huggingface": hf_stream,
     "avalanche": avalanche_stream,
+    "token_files": token_files_stream,
 }
 
 

@@ -124,7 +124,11 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def batches(ds: TensorPairDataset, batch_size: int, device):
     for i in range(0, len(ds), batch_size):
-        yield ds.x[i:i + batch_size].to(device), ds.y[i:i + batch_size].to(device)
+        if hasattr(ds, "slice"):  # read from disk (token files): only this batch is loaded
+            x, y = ds.slice(i, i + batch_size)
+            yield x.to(device), y.to(device)
+        else:
+            yield ds.x[i:i + batch_size].to(device), ds.y[i:i + batch_size].to(device)
 
 
 def trimmed(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
