@@ -131,6 +131,11 @@ def _check_trainer(t: DictConfig) -> None:
     strategies = ("auto", "ddp", "ddp_spawn", "fsdp")
     _check(t.get("strategy", "auto") in strategies,
            f"trainer.strategy: '{t.get('strategy')}' is not one of {strategies}")
+    _check(t.get("strategy", "auto") != "fsdp",
+           "trainer.strategy=fsdp: not available in nlcl run yet. Lightning's FSDP strategy is torch's "
+           "FullyShardedDataParallel, which refuses to run without an accelerator, and on GPUs the learner "
+           "builds its multi-frequency optimizer before Lightning would wrap the model; use trainer.strategy=ddp "
+           "(the optimizer's sharded state round trip is tested on torch's fully_shard)")
     _check(t.get("devices", 1) * t.get("num_nodes", 1) == 1 or t.batch_size >= t.get("devices", 1) * t.get("num_nodes", 1),
            f"trainer.batch_size: the global batch ({t.batch_size}) must have at least one sample per process "
            f"(trainer.devices x trainer.num_nodes = {t.get('devices', 1) * t.get('num_nodes', 1)})")
