@@ -405,3 +405,19 @@ def test_derpp_stores_logits_by_reservoir(stream):
     run_experience(learner, stream, 1, derpp)
     assert derpp.n_seen == n0 + len(stream.experiences[1].train) and len(derpp) == 20
     check_resumable(derpp, mem_size=20, replay_batch_size=8)
+
+
+def test_derpp_memory_takes_token_batches_of_any_trimmed_width():
+    """Batches are trimmed to their longest sequence, so widths vary from batch to batch (a CLINC150 run
+    used to fail at its first narrower batch); the memory keeps the widest width, right-padded."""
+    derpp = DERPlusPlus(mem_size=8)
+    derpp.pad_id = 0
+    widths = [5, 3, 7, 4]
+    for k, w in enumerate(widths):
+        x = torch.full((3, w), k + 1)
+        derpp.add(x, torch.full((3,), k), torch.zeros(3, 2))
+    x, y, _ = derpp.buffer()
+    assert x.shape == (8, 7)
+    for row, label in zip(x, y):
+        w = widths[int(label)]
+        assert torch.all(row[:w] == label + 1) and torch.all(row[w:] == 0)

@@ -280,6 +280,14 @@ class DERPlusPlus(Strategy):
             self.x = x.new_zeros((rows, *x.shape[1:]))
             self.y = y.new_zeros(rows)
             self.logits = torch.zeros((rows, logits.shape[1]), device=logits.device)
+        if x.dim() == 2 and not x.is_floating_point() and x.shape[1] != self.x.shape[1]:
+            # token batches are trimmed to their longest sequence: keep the memory at the widest width
+            # seen so far, right-padded (a causal model's outputs do not depend on trailing padding)
+            pad = getattr(self, "pad_id", 0)
+            if x.shape[1] < self.x.shape[1]:
+                x = F.pad(x, (0, self.x.shape[1] - x.shape[1]), value=pad)
+            else:
+                self.x = F.pad(self.x, (0, x.shape[1] - self.x.shape[1]), value=pad)
         slots = reservoir_slots(self.n_seen, len(y), self.mem_size, self.x.device)
         self.x[slots] = x.to(self.x.device)
         self.y[slots] = y.to(self.y.device)
