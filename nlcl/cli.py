@@ -16,6 +16,9 @@ from hydra.experimental.callback import Callback
 # Hydra validates them against those schemas (what we want) and warns that this is deprecated
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
+EXIT_USAGE = 2  # a bad command line or config: nothing ran
+EXIT_DIVERGED = 3  # the run went non-finite: results.json says where (status "diverged")
+
 USAGE = """usage: nlcl <command> [args]
 
 nlcl trains models (Hope, Titans, Transformer++, ...) on continual-learning task streams and
@@ -65,7 +68,10 @@ def _hydra_run(argv: list[str]) -> int:
         from nlcl.results import atomic_write_json
         from nlcl.runner import run
 
+        from nlcl.divergence import Diverged
+
         multirun = HydraConfig.get().mode.name == "MULTIRUN"
+        status = "failed"
         try:
             validate(cfg)
             results = run(cfg)
@@ -74,10 +80,12 @@ def _hydra_run(argv: list[str]) -> int:
             hc = HydraConfig.get()
             _say_interrupted(Path(cfg.run_dir), list(hc.overrides.task), hc.sweep.dir if multirun else None, argv)
             raise SystemExit(130) from None
+        except Diverged as e:  # an outcome of the run, recorded like a failure: never a success
+            status, failure = "diverged", e
         except (ConfigError, ValueError, FileNotFoundError) as e:
             if not multirun:
                 print(f"nlcl: error: {e}", file=sys.stderr)
-                raise SystemExit(2)
+                raise SystemExit(EXIT_USAGE)
             failure = e
         except Exception as e:  # noqa: BLE001 - a sweep records a failed run and goes on
             if not multirun:
@@ -87,12 +95,15 @@ def _hydra_run(argv: list[str]) -> int:
         # a finished result is never replaced by a later failed attempt in the same folder
         record = run_dir / ("failure.json" if _finished(run_dir) else "results.json")
         atomic_write_json(record, {
-            "status": "failed", "error": f"{type(failure).__name__}: {failure}",
-            "traceback": traceback.format_exc(), "stream": cfg.task.get("stream"), "model": cfg.model.get("name"),
+            "status": status, "error": f"{type(failure).__name__}: {failure}",
+            **({"divergence": failure.info} if status == "diverged" else {"traceback": traceback.format_exc()}),
+            "stream": cfg.task.get("stream"), "model": cfg.model.get("name"),
             "strategy": cfg.strategy.get("name"), "optim": cfg.optim.get("name"),
             "variant": str(cfg.get("variant", "") or ""), "seed": cfg.get("seed"),
             "config": OmegaConf.to_container(cfg, resolve=True)})
-        print(f"nlcl: run {run_dir.name} failed: {failure} (recorded in {record})", file=sys.stderr)
+        print(f"nlcl: run {run_dir.name} {status}: {failure} (recorded in {record})", file=sys.stderr)
+        if not multirun:
+            raise SystemExit(EXIT_DIVERGED if status == "diverged" else 1)
         return None
 
     if "--help" in argv or "-h" in argv:  # nlcl's own help screen (nlcl/conf/hydra/help/nlcl.yaml)
@@ -138,8 +149,10 @@ class SweepSummary(Callback):
                 status.append(json.loads(f.read_text()).get("status", "finished"))
             except (OSError, ValueError):
                 status.append("unreadable")
-        failed = len(status) - status.count("finished")
-        print(f"\n[nlcl] sweep done: {status.count('finished')} runs finished, {failed} failed, in {sweep}/\n"
+        diverged = status.count("diverged")
+        failed = len(status) - status.count("finished") - diverged
+        print(f"\n[nlcl] sweep done: {status.count('finished')} runs finished, {failed} failed, "
+              f"{diverged} diverged, in {sweep}/\n"
               f"[nlcl] compare them: nlcl report {sweep}")
 
 

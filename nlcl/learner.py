@@ -38,6 +38,7 @@ class Learner(L.LightningModule):
         self.batch_share = None  # (this rank's samples, global batch samples) under several ranks
         self._loss_sum = torch.zeros(())
         self._loss_count = 0
+        self.loss_terms: dict[str, torch.Tensor] = {}
 
     # ---- experience bookkeeping (called by the runner) ----
     def start_experience(self, index: int, seen_classes: Sequence[int]) -> None:
@@ -67,9 +68,11 @@ class Learner(L.LightningModule):
         self.batch_scale = self._batch_scale(batch_idx)
         if self.batch_scale != 1.0:  # several ranks: see _batch_scale
             loss = loss * self.batch_scale
+        self.loss_terms = {"task": loss}  # each term by name, for the divergence guard
         for strategy in self.strategies:
             extra = strategy.extra_loss(self, batch, logits)
             if extra is not None:
+                self.loss_terms[strategy.name] = extra
                 loss = loss + extra
         self._loss_sum = self._loss_sum.to(loss.device) + loss.detach()
         self._loss_count += 1

@@ -423,6 +423,11 @@ def _first_line(text) -> str:
     return str(text or "").strip().splitlines()[0] if str(text or "").strip() else ""
 
 
+def _left_out_line(r: dict) -> str:
+    return (f"- {r['status']}: `{Path(r['run_dir']).name}` ({r.get('model', '?')}/{r.get('strategy', '?')}, "
+            f"seed {r.get('seed', '?')}): {_first_line(r.get('error'))}")
+
+
 def build_report(paths, out: Path | None = None, plots: bool = True, metrics: list[str] = HEADLINE) -> Report:
     """Write report.md, report.csv, runs.csv (and the PNGs) into `out` (default: the first path)."""
     paths = [Path(p) for p in paths]
@@ -437,17 +442,20 @@ def build_report(paths, out: Path | None = None, plots: bool = True, metrics: li
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(runs, metrics)
     n_failed = sum(r["status"] == "failed" for r in left_out)
+    diverged = [r for r in left_out if r["status"] == "diverged"]
+    left_out_other = [r for r in left_out if r["status"] != "diverged"]
     md = [f"# nlcl report\n\n{len(runs)} finished runs in {len(agg)} configurations"
-          + (f", {n_failed} failed" if n_failed else "") + f" (from {', '.join(str(p) for p in paths)}).\n\n"
+          + (f", {n_failed} failed" if n_failed else "") + (f", {len(diverged)} diverged" if diverged else "") + f" (from {', '.join(str(p) for p in paths)}).\n\n"
           "Cells: mean ± 95% CI half-width over seeds (Student t with n-1 degrees of freedom; no interval with "
           "one seed); accuracies in %. forgetting_max takes the best earlier accuracy as reference, "
           "forgetting_first the accuracy right after learning (definitions: docs/metrics.md). "
           "Standard deviations and n per metric are in report.csv, every run in runs.csv.\n",
           markdown_table(agg, metrics)]
-    if left_out:
-        md.append("\n## Runs left out\n\n" + "\n".join(
-            f"- {r['status']}: `{Path(r['run_dir']).name}` ({r.get('model', '?')}/{r.get('strategy', '?')}, "
-            f"seed {r.get('seed', '?')}): {_first_line(r.get('error'))}" for r in left_out))
+    if diverged:  # never averaged: a non-finite model's scores say nothing about the method
+        md.append("\n## Diverged runs\n\nThese runs went non-finite and stopped; they are not in any mean.\n\n"
+                  + "\n".join(_left_out_line(r) for r in diverged))
+    if left_out_other:
+        md.append("\n## Runs left out\n\n" + "\n".join(_left_out_line(r) for r in left_out_other))
     md.append("\n## Mean matrices R (rows: trained up to; columns: evaluated on)\n")
     for label, rs in _by_config(runs):
         R = np.mean([np.asarray(r["accuracy_matrix"], float) for r in rs], 0)

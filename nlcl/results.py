@@ -47,8 +47,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(Path(path), text.encode())
 
 
+def json_safe(obj, where: str = "", found: dict | None = None):
+    """`obj` with every non-finite float replaced by None; `found` collects {path: 'nan'|'inf'|'-inf'}."""
+    found = {} if found is None else found
+    if isinstance(obj, float) and not math.isfinite(obj):
+        found[where or "."] = str(obj)
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v, f"{where}.{k}" if where else str(k), found) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, f"{where}[{i}]", found) for i, v in enumerate(obj)]
+    if isinstance(obj, torch.Tensor) or hasattr(obj, "tolist"):
+        return json_safe(obj.tolist(), where, found)
+    return obj
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True))
+    """Strict JSON: a non-finite number is written as null, and a dict gets `non_finite` naming
+    each such field and its value (bare NaN/Infinity is not JSON; most readers refuse it)."""
+    found: dict = {}
+    obj = json_safe(obj, found=found)
+    if found and isinstance(obj, dict):
+        obj["non_finite"] = {**(obj.get("non_finite") or {}), **found}
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=False))
 
 
 def atomic_torch_save(path: Path, obj) -> None:

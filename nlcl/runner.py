@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from nlcl import distributed as D
 from nlcl import metrics as M
 from nlcl.datamodule import ContinualDataModule, default_datamodule, trim_padding  # noqa: F401 (re-exported)
+from nlcl.divergence import DivergenceGuard
 from nlcl.learner import Learner
 from nlcl.models import build_model, count_parameters
 from nlcl.optim import build_optimizer
@@ -316,6 +317,7 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodule=None) 
     if tcfg.get("eval_every_n_steps"):
         step_eval = [StepEvaluator(stream, int(tcfg.eval_every_n_steps), int(tcfg.get("eval_subsample", 100)),
                                    int(tcfg.eval_batch_size), curves, int(cfg.seed))]
+    guard = DivergenceGuard(check_every=int(tcfg.log_every))  # non-finite values stop the run
     for i in range(start_exp, len(stream)):
         L.seed_everything(int(cfg.seed) * 1000 + i, workers=False, verbose=False)
         exp = stream.experiences[i]
@@ -337,7 +339,7 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodule=None) 
                                 strategy=D.trainer_strategy(str(tcfg.get("strategy", "auto")), world),
                                 use_distributed_sampler=False,  # the datamodule shards each global batch itself
                                 precision=tcfg.precision, logger=loggers or False,
-                                callbacks=[*strategies, *step_eval, *bar, *callbacks], enable_checkpointing=False,
+                                callbacks=[*strategies, *step_eval, *bar, *callbacks, guard], enable_checkpointing=False,
                                 enable_model_summary=False, num_sanity_val_steps=0,
                                 enable_progress_bar=show_bar,
                                 gradient_clip_val=tcfg.gradient_clip or None,

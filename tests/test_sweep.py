@@ -68,7 +68,7 @@ def test_failing_combination_is_recorded_and_the_sweep_goes_on(sweep):
     job = lambda name: int(re.match(r"j(\d+)_", name).group(1))  # noqa: E731
     assert max(map(job, finished)) > min(map(job, failed))  # runs after a failure still ran
     assert "failed" in out.stderr and "recorded in" in out.stderr
-    assert f"4 runs finished, 4 failed, in {sweep_dir}" in out.stdout
+    assert f"4 runs finished, 4 failed, 0 diverged, in {sweep_dir}" in out.stdout
     assert f"nlcl report {sweep_dir}" in out.stdout
 
 
