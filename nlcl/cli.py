@@ -69,6 +69,7 @@ def _hydra_run(argv: list[str]) -> int:
         from nlcl.runner import run
 
         from nlcl.divergence import Diverged
+        from nlcl.run_lock import RunDirLocked
 
         multirun = HydraConfig.get().mode.name == "MULTIRUN"
         status = "failed"
@@ -82,6 +83,11 @@ def _hydra_run(argv: list[str]) -> int:
             raise SystemExit(130) from None
         except Diverged as e:  # an outcome of the run, recorded like a failure: never a success
             status, failure = "diverged", e
+        except RunDirLocked as e:  # the folder is another live run's: write nothing into it
+            print(f"nlcl: error: {e}", file=sys.stderr)
+            if not multirun:
+                raise SystemExit(EXIT_USAGE)
+            return None
         except (ConfigError, ValueError, FileNotFoundError) as e:
             if not multirun:
                 print(f"nlcl: error: {e}", file=sys.stderr)

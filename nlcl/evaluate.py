@@ -19,7 +19,8 @@ NAME = re.compile(r"^[A-Za-z0-9_]+$")
 def evaluate_run(run_dir: str | Path, overrides: list[str], name: str) -> dict:
     from nlcl.config import ConfigError, validate
     from nlcl.results import atomic_write_json, safe_torch_load
-    from nlcl.runner import STATE_FILE, build_parts, evaluate_all, quiet_lightning, run_device
+    from nlcl.checkpoint_io import CheckpointError, require
+    from nlcl.runner import STATE_FILE, build_parts, config_fingerprint, evaluate_all, quiet_lightning, run_device
 
     run_dir = Path(run_dir)
     if not NAME.match(name):
@@ -32,13 +33,17 @@ def evaluate_run(run_dir: str | Path, overrides: list[str], name: str) -> dict:
         if not eq or not key.startswith("task.") or key == "task.stream":
             raise ConfigError(f"nlcl evaluate: override '{o}': only task.FIELD=VALUE (not task.stream) may change")
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    run_fingerprint = config_fingerprint(cfg)  # the run's own, before the task changes
     OmegaConf.set_struct(cfg, False)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     cfg.run_dir = str(run_dir)
     validate(cfg)
     quiet_lightning()
     parts = build_parts(cfg)
-    state = safe_torch_load(run_dir / STATE_FILE)
+    state = require(safe_torch_load(run_dir / STATE_FILE), run_dir / STATE_FILE)  # checksum verified
+    if state["fingerprint"] != run_fingerprint:
+        raise CheckpointError(f"{run_dir / STATE_FILE}: belongs to another configuration (fingerprint "
+                              f"{state['fingerprint']}, config.yaml has {run_fingerprint}); nothing was evaluated")
     if len(state["R_cil"]) - 1 < len(parts.stream):
         raise ValueError(f"nlcl evaluate: '{run_dir}' stopped after {len(state['R_cil']) - 1} of "
                          f"{len(parts.stream)} experiences; finish it first (rerun its command)")

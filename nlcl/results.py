@@ -73,14 +73,17 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def atomic_torch_save(path: Path, obj) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    """A checkpoint with its checksum (nlcl.checkpoint_io), written atomically."""
+    from nlcl.checkpoint_io import encode
+
+    atomic_write_bytes(Path(path), encode(obj))
 
 
 def safe_torch_load(path: Path):
-    """Load a checkpoint without running code from it."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint without running code from it, after verifying its checksum."""
+    from nlcl.checkpoint_io import load
+
+    return load(path)
 
 
 def _json_default(o):

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from nlcl import distributed as D
 from nlcl import metrics as M
+from nlcl.checkpoint_io import require
 from nlcl.datamodule import ContinualDataModule, default_datamodule, trim_padding  # noqa: F401 (re-exported)
 from nlcl.divergence import DivergenceGuard
 from nlcl.learner import Learner
@@ -38,6 +39,7 @@ from nlcl.models import build_model, count_parameters
 from nlcl.optim import build_optimizer
 from nlcl.plugins import load_plugins
 from nlcl.progress import PlainProgress
+from nlcl.run_lock import hold_run_dir
 from nlcl.results import (atomic_torch_save, atomic_write_json, atomic_write_text, format_matrix,
                           plot_accuracy_matrix, safe_torch_load, write_metrics_csv)
 from nlcl.streams import build_stream
@@ -221,11 +223,11 @@ def versions() -> dict:
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path):
-    from lightning.pytorch.loggers import CSVLogger
+    from nlcl.run_logs import AppendingCSVLogger
 
     loggers = []
-    if cfg.logger.get("csv", True):
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
+    if cfg.logger.get("csv", True):  # appends across resumes (Lightning's own deletes the old log)
+        loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="logs", version=""))
     if cfg.logger.get("wandb", False):
         from lightning.pytorch.loggers import WandbLogger
 
@@ -259,7 +261,17 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodule=None) 
 
     `datamodule(stream, cfg, train_transform)` builds the run's `ContinualDataModule` (default:
     `nlcl.datamodule.default_datamodule`); hand in your own factory to change how batches are made.
+    A single-process run holds its folder's lock throughout: a second run on the same run_dir is
+    refused. (Several ranks all run this function, so there the lock is not taken.)
     """
+    world = int(cfg.trainer.get("devices", 1)) * int(cfg.trainer.get("num_nodes", 1))
+    if world > 1:
+        return _run_locked(cfg, callbacks=callbacks, quiet=quiet, datamodule=datamodule)
+    with hold_run_dir(cfg.run_dir):
+        return _run_locked(cfg, callbacks=callbacks, quiet=quiet, datamodule=datamodule)
+
+
+def _run_locked(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodule=None) -> dict:
     quiet_lightning()
     tcfg = cfg.trainer
     world = int(tcfg.get("devices", 1)) * int(tcfg.get("num_nodes", 1))
@@ -291,7 +303,7 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodule=None) 
     curves: list[dict] = []
     start_exp = 0
     if state_path.exists():
-        state = safe_torch_load(state_path)
+        state = require(safe_torch_load(state_path), state_path)  # checksum verified, keys present
         if state["fingerprint"] != fingerprint:
             raise ValueError(f"run_dir '{run_dir}' holds a run of a different configuration "
                              f"(fingerprint {state['fingerprint']} vs {fingerprint}); choose another run_dir")
