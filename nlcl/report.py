@@ -120,6 +120,62 @@ def _unfinished_folders(root: Path) -> list[Path]:
     return sorted(f for f in folders if not (f / "results.json").exists())
 
 
+STATUSES = ("finished", "failed", "diverged")
+
+
+def _matrix_problem(R, n: int | None, fraction: bool) -> str | None:
+    if not isinstance(R, list) or not R or not all(isinstance(row, list) for row in R):
+        return "is not a list of rows"
+    n = len(R[0]) if n is None else n
+    if n < 1 or len(R) != n + 1 or any(len(row) != n for row in R):
+        return f"has shape {[len(row) for row in R]}, expected {n + 1} rows of {n}"
+    for row in R:
+        for v in row:
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return f"holds {v!r}, not a finite number"
+            if fraction and not 0.0 <= v <= 1.0:
+                return f"holds {v!r}, outside [0, 1] for a fraction"
+    return None
+
+
+def run_problem(r: dict) -> str | None:
+    """Why a loaded results.json cannot be trusted (wrong types, shapes, ranges, non-finite
+    numbers), or None. Only finished runs are checked in depth; others must name their status."""
+    status = r.get("status", "finished")
+    if status not in STATUSES:
+        return f"status {status!r} is not one of {STATUSES}"
+    for key in ("stream", "model", "strategy", "optim", "variant", "score_name"):
+        if r.get(key) is not None and not isinstance(r.get(key), str):
+            return f"{key} is {r.get(key)!r}, not a string"
+    if r.get("seed") is not None and (isinstance(r["seed"], bool) or not isinstance(r["seed"], int)):
+        return f"seed is {r['seed']!r}, not an integer"
+    if status != "finished":
+        return None
+    fraction = scale_of(r.get("score_name")) == 100 and r.get("higher_is_better", True) is True
+    experiences = r.get("experiences")
+    n = len(experiences) if isinstance(experiences, list) and experiences else None
+    for key in ("accuracy_matrix", "accuracy_matrix_task_il"):
+        if key in r or key == "accuracy_matrix":
+            problem = _matrix_problem(r.get(key), n, fraction)
+            if problem:
+                return f"{key} {problem}"
+    metrics = r.get("metrics")
+    if not isinstance(metrics, dict):
+        return "metrics is not a mapping"
+    for k, v in metrics.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"metrics.{k} is {v!r}, not a finite number"
+        if fraction and not -1.0 <= v <= 1.0:  # accuracies, forgetting and transfer of fractions
+            return f"metrics.{k} is {v!r}, outside [-1, 1] for a score in [0, 1]"
+    if not isinstance(r.get("timings", {}), dict):
+        return "timings is not a mapping"
+    return None
+
+
 def load_runs(paths) -> tuple[list[dict], list[dict]]:
     """(finished runs, runs left out). Left out, each with `status` and `error`: failed runs, run
     folders without results.json ("incomplete": still running or killed), and repeats of a
@@ -128,7 +184,17 @@ def load_runs(paths) -> tuple[list[dict], list[dict]]:
     for p in paths:
         p = Path(p)
         for run_dir in find_runs(p):
-            r = load_run(run_dir)
+            try:
+                r = load_run(run_dir)
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+                left_out.append({"run_dir": str(run_dir), "status": "invalid",
+                                 "error": f"{run_dir / 'results.json'}: unreadable ({type(e).__name__}: {e})"})
+                continue
+            problem = run_problem(r) if isinstance(r, dict) else "not a JSON object"
+            if problem:
+                left_out.append({"run_dir": str(run_dir), "status": "invalid",
+                                 "error": f"{run_dir / 'results.json'}: {problem}"})
+                continue
             r.setdefault("variant", "")
             r["settings"] = run_settings(r)
             if r.get("status", "finished") != "finished":
@@ -231,8 +297,8 @@ def markdown_table(agg: pd.DataFrame, metrics: list[str] = HEADLINE) -> str:
 
 
 def markdown_frame(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
-    cells = [[f"{v:{floatfmt}}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
-    return "\n".join(["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    cells = [[f"{v:{floatfmt}}" if isinstance(v, float) else md_text(v) for v in row] for row in df.itertuples(index=False)]
+    return "\n".join(["| " + " | ".join(map(md_text, df.columns)) + " |", "|" + "---|" * len(df.columns)]
                      + ["| " + " | ".join(row) + " |" for row in cells])
 
 
@@ -262,6 +328,7 @@ def _by_config(runs: list[dict]) -> list[tuple[str, list[dict]]]:
 def _wrap(label: str, width: int = 36) -> str:
     import textwrap
 
+    label = str(label).replace("$", r"\$")  # a '$' would start matplotlib's mathtext
     return "\n".join(textwrap.wrap(label, width)) or label
 
 
@@ -419,13 +486,26 @@ class Report:
     files: list[Path]        # everything written
 
 
+def md_text(text) -> str:
+    """A name made safe for markdown and HTML: one line, no tags, no table or link syntax."""
+    import html
+
+    one_line = " ".join(str(text).split())
+    return "".join("\\" + c if c in "\\`[]|#" else c for c in html.escape(one_line, quote=True))
+
+
+def md_code(text) -> str:
+    """Text for a code span or block: one line, no backticks (which would end it), no tag brackets."""
+    return " ".join(str(text).split()).replace("`", "'").replace("<", "‹").replace(">", "›")
+
+
 def _first_line(text) -> str:
     return str(text or "").strip().splitlines()[0] if str(text or "").strip() else ""
 
 
 def _left_out_line(r: dict) -> str:
-    return (f"- {r['status']}: `{Path(r['run_dir']).name}` ({r.get('model', '?')}/{r.get('strategy', '?')}, "
-            f"seed {r.get('seed', '?')}): {_first_line(r.get('error'))}")
+    return (f"- {md_text(r['status'])}: `{md_code(Path(r['run_dir']).name)}` ({md_text(r.get('model', '?'))}/"
+            f"{md_text(r.get('strategy', '?'))}, seed {md_text(r.get('seed', '?'))}): {md_text(_first_line(r.get('error')))}")
 
 
 def build_report(paths, out: Path | None = None, plots: bool = True, metrics: list[str] = HEADLINE) -> Report:
@@ -441,7 +521,7 @@ def build_report(paths, out: Path | None = None, plots: bool = True, metrics: li
     out = Path(out or paths[0])
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(runs, metrics)
-    n_failed = sum(r["status"] == "failed" for r in left_out)
+    n_failed = sum(r["status"] in ("failed", "invalid") for r in left_out)
     diverged = [r for r in left_out if r["status"] == "diverged"]
     left_out_other = [r for r in left_out if r["status"] != "diverged"]
     md = [f"# nlcl report\n\n{len(runs)} finished runs in {len(agg)} configurations"
@@ -460,7 +540,8 @@ def build_report(paths, out: Path | None = None, plots: bool = True, metrics: li
     for label, rs in _by_config(runs):
         R = np.mean([np.asarray(r["accuracy_matrix"], float) for r in rs], 0)
         names = [e["name"] for e in rs[0].get("experiences", [])] or None
-        md.append(f"{label} ({rs[0].get('score_name', 'accuracy')}, n={len(rs)}):\n```\n"
+        names = [md_code(x) for x in names] if names else None
+        md.append(f"{md_text(label)} ({md_text(rs[0].get('score_name', 'accuracy'))}, n={len(rs)}):\n```\n"
                   f"{format_matrix(R.tolist(), col_labels=names, scale=scale_of(rs[0].get('score_name')))}\n```")
     tele = telemetry_frame(runs)
     if not tele.empty:

@@ -111,6 +111,8 @@ def load_run(path: str | Path) -> dict:
         raise FileNotFoundError(f"no results.json in '{path}': is it a finished nlcl run folder?")
     with open(file) as f:
         res = json.load(f)
+    if not isinstance(res, dict):
+        raise ValueError(f"{file}: not a JSON object")
     res["run_dir"] = str(file.parent)
     for ev in sorted((file.parent / "evaluations").glob("*.json")):  # written by `nlcl evaluate`
         with open(ev) as f:
