@@ -14,6 +14,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from nlcl.config_checks import suggest
+
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 WANDB_MODES = ("offline", "online", "disabled", "dryrun", "shared")
@@ -86,7 +88,8 @@ def _check_schema(section: str, schema: type, node) -> None:
     except OmegaConfBaseException as e:
         key = getattr(e, "key", None) or "?"
         if isinstance(e, ConfigKeyError):
-            raise ConfigError(f"{section}.{key}: unknown field; allowed: {[f.name for f in fields(schema)]}") from None
+            names = [f.name for f in fields(schema)]
+            raise ConfigError(f"{section}.{key}: unknown field{suggest(key, names)} (allowed: {names})") from None
         types = {f.name: f.type for f in fields(schema)}
         got = node.get(key) if key in node else None
         raise ConfigError(f"{section}.{key}: expected {types.get(key, '?')}, got {got!r}") from None
@@ -100,7 +103,8 @@ def _check_options(section: str, fn, options: dict, owner: str) -> None:
     allowed = sorted(k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and k != "self")
     for key, value in options.items():
         if key not in params:
-            _check(accepts_any, f"{section}.{key}: not an option of {owner}; allowed: {allowed or 'none (it takes no options)'}")
+            _check(accepts_any, f"{section}.{key}: not an option of {owner}{suggest(key, allowed)} "
+                                f"(allowed: {allowed or 'none, it takes no options'})")
             continue
         default = params[key].default
         if isinstance(default, bool):
@@ -225,6 +229,7 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     Cheap: it builds nothing but a 2x2 optimizer, reads no data. Model fields are checked when the
     model is built (the first thing a run does, before it writes anything)."""
+    from nlcl.config_checks import check_all, check_environment
     from nlcl.models import model_names
     from nlcl.plugins import load_plugins
 
@@ -234,6 +239,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     load_plugins(list(plugins))  # first: plugin modules may register streams and models checked below
     missing = sorted(OmegaConf.missing_keys(cfg))
     _check(not missing, f"{', '.join(missing)}: required, no default (set it, e.g. {missing[0] if missing else ''}=...)")
+    check_all(cfg)  # strict types, ranges, top-level keys (run_dir and accelerator last)
     _check_schema("trainer", TrainerConfig, cfg.trainer)
     _check_schema("logger", LoggerConfig, cfg.logger)
     _check_trainer(cfg.trainer)
@@ -248,6 +254,7 @@ def validate(cfg: DictConfig) -> DictConfig:
                f"model.name: unknown model '{cfg.model.get('name')}'; allowed: {model_names()} (or give model._target_)")
     _check_strategy(cfg.strategy)
     _check_optim(cfg.optim)
+    check_environment(cfg)
     return cfg
 
 
@@ -267,7 +274,8 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
         missing, options = getattr(e, "missing_cfg_file", None), getattr(e, "options", None)
         if missing and options:  # e.g. model=foo
             group, _, option = missing.rpartition("/")
-            raise ConfigError(f"{group}={option}: no such option in group '{group}'; allowed: {sorted(options)}") from None
+            raise ConfigError(f"{group}={option}: no such option in group '{group}'{suggest(option, options)} "
+                              f"(allowed: {sorted(options)})") from None
         text = str(e).split("\nConfig search path")[0].strip()
         unknown = re.match(r"Could not override '([\w.]+)'", text)
         if unknown:  # e.g. trainer.foo=1: list the fields the node has
@@ -275,6 +283,6 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
             parent, _, key = path.rpartition(".")
             rest = [o for o in overrides if not o.lstrip("~+").startswith(f"{path}=")]
             node = OmegaConf.select(compose(rest), parent) if parent else None
-            allowed = f"; allowed: {sorted(node)}" if isinstance(node, DictConfig) else ""
-            raise ConfigError(f"{path}: no such field (add one with +{path}=...){allowed}") from None
+            allowed = f"{suggest(key, node)} (allowed: {sorted(node)})" if isinstance(node, DictConfig) else ""
+            raise ConfigError(f"{path}: no such field{allowed}; add a new one with +{path}=...") from None
         raise ConfigError("; ".join(line.strip() for line in text.splitlines() if line.strip())) from None

@@ -25,6 +25,7 @@ class RunDirLocked(RuntimeError):
 @contextlib.contextmanager
 def hold_run_dir(run_dir: str | Path):
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -43,6 +44,10 @@ def hold_run_dir(run_dir: str | Path):
         yield me
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+        if created and os.listdir(run_dir) == [LOCK_NAME]:  # a start that failed leaves no folder behind
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
 
 
 def _read_holder(fd: int) -> dict:

@@ -2,6 +2,7 @@
 naming the field and what it accepts."""
 
 import pytest
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.utils import get_class
@@ -36,6 +37,10 @@ REQUIRED = {"task=files": ["task.path=my.csv", "task.n_experiences=2"],
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_validates(tmp_path, group, option):
     choice = f"{group}={option}"
+    if (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():  # refused before any work
+        with pytest.raises(ConfigError, match="trainer.accelerator: 'gpu' but this machine has no CUDA GPU"):
+            validate(compose([f"run_dir={tmp_path / 'run'}", choice]))
+        return
     cfg = validate(compose([f"run_dir={tmp_path / 'run'}", choice, *REQUIRED.get(choice, [])]))
     # every file names a registered stream / model / strategy / optimizer, or a _target_ (custom)
     assert cfg.task.stream in STREAMS or "_target_" in cfg.task
