@@ -79,6 +79,8 @@ def _matches(value, kind: str) -> bool:
         return isinstance(value, str)
     if kind.startswith("dict"):
         return isinstance(value, dict)
+    if kind in ("list", "tuple", "Sequence"):
+        return isinstance(value, list)
     m = re.fullmatch(r"(Sequence|list|tuple)\[(\w+)(, \.\.\.)?\]", kind)
     if m:
         return isinstance(value, list) and all(_matches(v, m.group(2)) for v in value)
@@ -89,7 +91,7 @@ def _want(kind: str) -> str:
     alternatives = [k.strip() for k in kind.split("|")]
     if len(alternatives) > 1:
         return " or ".join("null" if k == "None" else _want(k) for k in alternatives)
-    return {"int": "an integer", "float": "a number", "bool": "a bool (true or false)", "str": "a string"}.get(
+    return {"int": "an integer", "float": "a number (float)", "bool": "a bool (true or false)", "str": "a string"}.get(
         kind, kind.replace("Sequence", "a list of").replace("[", " ").replace("]", ""))
 
 
@@ -233,7 +235,7 @@ def _merge_defaults(into: dict, more: dict) -> dict:
 
 
 @lru_cache(maxsize=None)
-def _file_defaults_cached(group: str, name: str) -> dict:
+def _file_defaults_cached(group: str, name: str, key: str) -> dict:
     import yaml
 
     from nlcl.config import config_dir
@@ -244,13 +246,14 @@ def _file_defaults_cached(group: str, name: str) -> dict:
             d = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError):
             continue
-        if isinstance(d, dict) and d.get("name") == name:
+        if isinstance(d, dict) and d.get(key) == name:
             _merge_defaults(merged, {k: v for k, v in d.items() if k != "defaults"})
     return merged
 
 
-def file_defaults(group: str, name) -> dict:
-    return copy.deepcopy(_file_defaults_cached(group, str(name)))
+def file_defaults(group: str, name, key: str = "name") -> dict:
+    """The fields (with their values) of every file of `group` whose `key` is `name`, merged."""
+    return copy.deepcopy(_file_defaults_cached(group, str(name), key))
 
 
 def _check_model(model: dict) -> None:
@@ -279,6 +282,7 @@ def check_all(cfg: DictConfig) -> None:
     options = {k: v for k, v in task.items() if k not in ("stream", "first_experiences", "validation_per_class")}
     if stream is not None:
         check_declared("task", stream, options)
+    check_like_file("task", options, file_defaults("task", task.get("stream"), key="stream"))
     check_ranges("task", options)
     strategy = _plain(cfg.strategy)
     if strategy.get("name") in STRATEGIES:

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from nlcl.config import ConfigError, compose, config_dir, validate
 from nlcl.config_checks import POSITIVE, ZERO_ALLOWED
+from tests.test_configs import REQUIRED  # the fields a user's-own-data option must be given
 
 GROUPS = ("task", "model", "strategy", "optim", "trainer")
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((config_dir() / g).glob("*.yaml"))
@@ -21,7 +22,8 @@ SKIP = {"trainer.precision", "trainer.accelerator"}  # names checked against the
 
 @lru_cache(maxsize=None)
 def base(group: str, option: str):
-    return compose(["run_dir=/tmp/nlcl-fuzz-never-written", f"{group}={option}"])
+    choice = f"{group}={option}"
+    return compose(["run_dir=/tmp/nlcl-fuzz-never-written", choice, *REQUIRED.get(choice, [])])
 
 
 def leaves(node, prefix):
