@@ -73,3 +73,16 @@ def require(state, path: Path, keys=("fingerprint", "learner", "R_cil", "R_til",
         missing = [k for k in keys if not isinstance(state, dict) or k not in state]
         raise CheckpointError(f"{path}: not an nlcl run checkpoint (missing {missing}); {ADVICE}")
     return state
+
+
+def ensure_space(folder: Path, model: torch.nn.Module, factor: int = 4) -> None:
+    """Refuse before training when the folder's disk cannot take a checkpoint: about `factor` times
+    the model's parameters (weights, two optimizer moments, a strategy's copy) and 1 MiB."""
+    import errno
+    import shutil
+
+    need = factor * sum(p.numel() * p.element_size() for p in model.parameters()) + (1 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{folder}: {free / 2**20:.1f} MiB free, a checkpoint needs about "
+                      f"{need / 2**20:.1f} MiB; free space or choose another run_dir (nothing was trained)")

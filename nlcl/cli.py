@@ -93,6 +93,11 @@ def _hydra_run(argv: list[str]) -> int:
                 print(f"nlcl: error: {e}", file=sys.stderr)
                 raise SystemExit(EXIT_USAGE)
             failure = e
+        except OSError as e:  # read-only folder, full disk...: one line, what was written stays
+            if not multirun:
+                print(f"nlcl: error: {e}; files already in the run folder were kept", file=sys.stderr)
+                raise SystemExit(1)
+            failure = e
         except Exception as e:  # noqa: BLE001 - a sweep records a failed run and goes on
             if not multirun:
                 raise
@@ -100,22 +105,38 @@ def _hydra_run(argv: list[str]) -> int:
         run_dir = Path(cfg.run_dir)
         # a finished result is never replaced by a later failed attempt in the same folder
         record = run_dir / ("failure.json" if _finished(run_dir) else "results.json")
-        atomic_write_json(record, {
-            "status": status, "error": f"{type(failure).__name__}: {failure}",
-            **({"divergence": failure.info} if status == "diverged" else {"traceback": traceback.format_exc()}),
-            "stream": cfg.task.get("stream"), "model": cfg.model.get("name"),
-            "strategy": cfg.strategy.get("name"), "optim": cfg.optim.get("name"),
-            "variant": str(cfg.get("variant", "") or ""), "seed": cfg.get("seed"),
-            "config": OmegaConf.to_container(cfg, resolve=True)})
+        try:
+            _record(record, cfg, status, failure)
+        except OSError as e:
+            print(f"nlcl: run {run_dir.name} {status}: {failure}; it could not be recorded ({e})", file=sys.stderr)
+            return None
         print(f"nlcl: run {run_dir.name} {status}: {failure} (recorded in {record})", file=sys.stderr)
         if not multirun:
             raise SystemExit(EXIT_DIVERGED if status == "diverged" else 1)
         return None
 
+    def _record(record, cfg, status, failure):
+        from nlcl.results import atomic_write_json
+
+        atomic_write_json(record, {
+            "status": status, "error": f"{type(failure).__name__}: {failure}",
+            **({"divergence": failure.info} if status == "diverged" else {"traceback": "".join(traceback.format_exception(failure))}),
+            "stream": cfg.task.get("stream"), "model": cfg.model.get("name"),
+            "strategy": cfg.strategy.get("name"), "optim": cfg.optim.get("name"),
+            "variant": str(cfg.get("variant", "") or ""), "seed": cfg.get("seed"),
+            "config": OmegaConf.to_container(cfg, resolve=True)})
+
     if "--help" in argv or "-h" in argv:  # nlcl's own help screen (nlcl/conf/hydra/help/nlcl.yaml)
         argv = [*argv, "hydra/help=nlcl"]
     elif "-m" in argv or "--multirun" in argv:  # say where the sweep is and how to report it
         argv = [*argv, f"+hydra.callbacks.nlcl_summary._target_={__name__}.SweepSummary"]
+    else:
+        code = _prevalidate(argv)  # a single run and `--cfg job`: refused before Hydra starts the job
+        if code is not None:
+            return code
+        run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")), "")
+        if run_dir:  # Hydra's own output folder is the run's folder: no empty runs/adhoc/... left behind
+            argv = [*argv, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
     sys.argv = ["nlcl run", *argv]
     app()
     return 0
@@ -140,6 +161,34 @@ def _say_interrupted(run_dir: Path, overrides: list[str], sweep_dir: str | None,
         rest = [a for a in argv if not a.startswith(("hydra.sweep.dir=", "+hydra.callbacks."))]
         print(f"[nlcl] or the whole sweep with:\n  nlcl run {' '.join(map(shlex.quote, rest))} "
               f"{shlex.quote(f'hydra.sweep.dir={sweep_dir}')}", file=sys.stderr)
+
+
+def _prevalidate(argv: list[str]) -> int | None:
+    """Compose and validate a single run's overrides as the run will; EXIT_USAGE after printing
+    the one-line error, None when the config is good (or uses a Hydra flag we leave to Hydra)."""
+    from nlcl.config import ConfigError, compose, validate
+
+    overrides, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--cfg", "-c", "--package", "-p"):
+            i += 2
+            continue
+        if arg == "--resolve":
+            i += 1
+            continue
+        if arg.startswith("-"):
+            return None
+        overrides.append(arg)
+        i += 1
+    if not any(o.startswith("run_dir=") for o in overrides):  # Hydra's folder, made under the current one
+        overrides.append(f"run_dir={Path.cwd() / 'runs'}")
+    try:
+        validate(compose(overrides))
+    except ConfigError as e:
+        print(f"nlcl: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return None
 
 
 class SweepSummary(Callback):

@@ -16,6 +16,20 @@ from omegaconf import OmegaConf
 NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
+def load_plain_yaml(path: Path):
+    """A run's config.yaml as OmegaConf; a file with tags (`!!python/...`) or bad syntax is refused
+    in one line, nothing of it is executed."""
+    import yaml
+
+    from nlcl.config import ConfigError
+
+    try:
+        return OmegaConf.load(path)  # OmegaConf's loader is a safe loader: tags raise, never construct
+    except yaml.YAMLError as e:
+        problem = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{path}: not plain YAML ({problem}); nlcl reads no tags, nothing was evaluated") from None
+
+
 def evaluate_run(run_dir: str | Path, overrides: list[str], name: str) -> dict:
     from nlcl.config import ConfigError, validate
     from nlcl.results import atomic_write_json, safe_torch_load
@@ -32,7 +46,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str], name: str) -> dict:
         key, eq, _ = o.partition("=")
         if not eq or not key.startswith("task.") or key == "task.stream":
             raise ConfigError(f"nlcl evaluate: override '{o}': only task.FIELD=VALUE (not task.stream) may change")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_plain_yaml(run_dir / "config.yaml")
     run_fingerprint = config_fingerprint(cfg)  # the run's own, before the task changes
     OmegaConf.set_struct(cfg, False)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))

@@ -101,7 +101,10 @@ def run_settings(run: dict) -> dict:
     if config is None and file.is_file():
         import yaml
 
-        config = yaml.safe_load(file.read_text())
+        try:
+            config = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as e:  # e.g. a `!!python/...` tag: refused, never constructed
+            raise ValueError(f"{file}: not plain YAML ({str(e).strip().splitlines()[0]})") from None
     flat = _flatten(config or {})
     return {k: v for k, v in flat.items() if not any(k == i or k.startswith(i + ".") for i in IGNORED_SETTINGS)}
 
@@ -196,7 +199,11 @@ def load_runs(paths) -> tuple[list[dict], list[dict]]:
                                  "error": f"{run_dir / 'results.json'}: {problem}"})
                 continue
             r.setdefault("variant", "")
-            r["settings"] = run_settings(r)
+            try:
+                r["settings"] = run_settings(r)
+            except ValueError as e:
+                left_out.append({"run_dir": str(run_dir), "status": "invalid", "error": str(e)})
+                continue
             if r.get("status", "finished") != "finished":
                 left_out.append(r)
                 continue

@@ -41,6 +41,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a power cut only once its folder is synced
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the file itself is synced
+    finally:
+        os.close(fd)
+
+
+def clean_interrupted_writes(run_dir: Path) -> list[Path]:
+    """Remove the temporary files (`.NAME.XXXX.tmp`) of atomic writes a killed process left behind.
+    Call only while holding the run folder's lock: then no live writer owns them."""
+    removed = []
+    for tmp in Path(run_dir).rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from nlcl import distributed as D
 from nlcl import metrics as M
-from nlcl.checkpoint_io import require
+from nlcl.checkpoint_io import ensure_space, require
 from nlcl.datamodule import ContinualDataModule, default_datamodule, trim_padding  # noqa: F401 (re-exported)
 from nlcl.divergence import DivergenceGuard
 from nlcl.learner import Learner
@@ -40,8 +40,8 @@ from nlcl.optim import build_optimizer
 from nlcl.plugins import load_plugins
 from nlcl.progress import PlainProgress
 from nlcl.run_lock import hold_run_dir
-from nlcl.results import (atomic_torch_save, atomic_write_json, atomic_write_text, format_matrix,
-                          plot_accuracy_matrix, safe_torch_load, write_metrics_csv)
+from nlcl.results import (atomic_torch_save, atomic_write_json, atomic_write_text, clean_interrupted_writes,
+                          format_matrix, plot_accuracy_matrix, safe_torch_load, write_metrics_csv)
 from nlcl.streams import build_stream
 from nlcl.streams.base import TaskStream
 from nlcl.strategies import build_strategy
@@ -268,6 +268,7 @@ def run(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodule=None) 
     if world > 1:
         return _run_locked(cfg, callbacks=callbacks, quiet=quiet, datamodule=datamodule)
     with hold_run_dir(cfg.run_dir):
+        clean_interrupted_writes(Path(cfg.run_dir))  # no live writer owns them while we hold the lock
         return _run_locked(cfg, callbacks=callbacks, quiet=quiet, datamodule=datamodule)
 
 
@@ -312,9 +313,15 @@ def _run_locked(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodul
         timings, curves = state["timings"], state.get("curves", [])
         start_exp = len(R_cil) - 1
         say(f"[nlcl] resuming {run_dir} after experience {start_exp - 1} ({start_exp}/{len(stream)} done)")
+<<<<<<< HEAD
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+=======
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_space(run_dir, learner.model)  # a full disk is found now, not after an experience trained
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+>>>>>>> 743ef69 (Faults answered in one line: leftover .tmp files of interrupted writes removed on the next start (under the lock), folders fsynced after atomic renames, disk space for a checkpoint checked before training, unsafe YAML refused in evaluate and report, OSError as one line; nlcl run validates before Hydra (so --cfg job validates too) and a given run_dir leaves no runs/adhoc folder)
 
     learner.to(device)
     if not R_cil:  # the before-training row

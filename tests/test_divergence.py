@@ -93,16 +93,17 @@ def _strict(text):
     return json.loads(text, parse_constant=refuse)
 
 
-def _cli(*args, timeout=600):
+def _cli(*args, timeout=600, cwd=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "nlcl.cli", "run", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "nlcl.cli", "run", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 
 def test_cli_single_run_exits_non_zero_and_records_where(tmp_path):
     run_dir = tmp_path / "single"
-    out = _cli(*tiny_overrides(run_dir), *BLOW_UP)
+    out = _cli(*tiny_overrides(run_dir), *BLOW_UP, cwd=tmp_path)
     assert out.returncode == 3, out.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # run_dir given: no empty runs/adhoc/... folder
     res = _strict((run_dir / "results.json").read_text())
     assert res["status"] == "diverged" and res["divergence"]["experience"] == 0
     assert res["divergence"]["step"] >= 1 and res["model"] == "transformer"

@@ -207,3 +207,47 @@ def test_two_concurrent_starts_on_one_folder(tmp_path):
     assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
     assert "seed: 0" in (run_dir / "config.yaml").read_text()  # nothing of the second run was written
     assert not (run_dir / "results.json").exists()
+
+
+def test_leftover_temporary_files_are_cleaned_on_the_next_start(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path)
+    leftovers = [run_dir / ".results.json.k2j3.tmp", run_dir / "checkpoints" / ".state.pt.x81a.tmp"]
+    for f in leftovers:
+        f.write_bytes(b"half a write")
+    run(_cfg(run_dir), quiet=True)
+    assert not any(f.exists() for f in leftovers)
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
+
+
+def test_a_full_disk_is_found_before_training(tmp_path):
+    from nlcl.checkpoint_io import ensure_space
+
+    with pytest.raises(OSError, match=f"{tmp_path}: .* MiB free, a checkpoint needs about"):
+        ensure_space(tmp_path, torch.nn.Linear(4, 4), factor=10**15)
+    ensure_space(tmp_path, torch.nn.Linear(4, 4))  # a small model fits
+
+
+def test_unsafe_yaml_is_refused_in_one_line_and_never_run(finished, tmp_path):
+    from nlcl.config import ConfigError
+    from nlcl.report import load_runs
+
+    run_dir = _copy(finished, tmp_path)
+    marker = tmp_path / "executed"
+    (run_dir / "config.yaml").write_text(f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not plain YAML") as err:
+        evaluate_run(run_dir, [], "x")
+    assert str(run_dir / "config.yaml") in str(err.value) and "\n" not in str(err.value)
+    runs, left_out = load_runs([run_dir])
+    assert not runs and left_out[0]["status"] == "invalid" and "not plain YAML" in left_out[0]["error"]
+    assert not marker.exists()
+
+
+def test_cfg_job_validates_like_a_run_and_a_given_run_dir_leaves_no_adhoc_folder(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "nlcl.cli", "run", "trainer.epochs=1.5", "--cfg", "job"],
+                         cwd=tmp_path, capture_output=True, text=True, env=ENV)
+    assert out.returncode == 2 and out.stderr.strip() == "nlcl: error: trainer.epochs: expected an integer, got 1.5"
+    assert not (tmp_path / "runs").exists()
+    out = subprocess.run([sys.executable, "-m", "nlcl.cli", "run", "model.n_heads=3", f"run_dir={tmp_path / 'r'}"],
+                         cwd=tmp_path, capture_output=True, text=True, env=ENV)
+    assert out.returncode == 2 and "model.n_heads: 3 heads must divide model.d_model=128" in out.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "r").exists()
