@@ -313,15 +313,10 @@ def _run_locked(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodul
         timings, curves = state["timings"], state.get("curves", [])
         start_exp = len(R_cil) - 1
         say(f"[nlcl] resuming {run_dir} after experience {start_exp - 1} ({start_exp}/{len(stream)} done)")
-<<<<<<< HEAD
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_space(run_dir, learner.model)  # a full disk is found now, not after an experience trained
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-=======
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ensure_space(run_dir, learner.model)  # a full disk is found now, not after an experience trained
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
->>>>>>> 743ef69 (Faults answered in one line: leftover .tmp files of interrupted writes removed on the next start (under the lock), folders fsynced after atomic renames, disk space for a checkpoint checked before training, unsafe YAML refused in evaluate and report, OSError as one line; nlcl run validates before Hydra (so --cfg job validates too) and a given run_dir leaves no runs/adhoc folder)
 
     learner.to(device)
     if not R_cil:  # the before-training row
