@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nlcl.models.telemetry import collect_mechanism_stats
+
 NEG = -1e9  # stand-in for -inf that keeps softmax finite in every dtype we use
 
 
@@ -102,6 +104,9 @@ class Learner(L.LightningModule):
             stats = getattr(self.optimizer, "level_stats", None)
             if stats is not None:
                 self.log_metrics(flatten_level_stats(stats()))
+            mechanism = collect_mechanism_stats(self.model, reset=False)  # this experience so far
+            if mechanism:
+                self.log_metrics({f"mechanism/{layer}/{k}": v for layer, d in mechanism.items() for k, v in d.items()})
 
     # ---- validation (when the datamodule serves validation sets): class-IL accuracy per experience ----
     def on_validation_epoch_start(self):

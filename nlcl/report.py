@@ -454,6 +454,30 @@ def telemetry_frame(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).groupby(["config", "level"], as_index=False)[list(TELEMETRY)].mean()
 
 
+MECHANISM = ("writes_per_sequence/k", "writes_per_sequence/memory", "writes_per_sequence/memory_refresh",
+             "eta_mean", "eta_min", "eta_max", "alpha_mean", "alpha_min", "alpha_max", "erase_mean",
+             "eigenvalue_min", "negative_eigenvalue_fraction")
+
+
+def mechanism_frame(runs: list[dict]) -> pd.DataFrame:
+    """Per configuration and self-modifying layer: what the mechanism did while training (mean over
+    experiences, then over seeds). A row of zero writes means self-modification never acted."""
+    labels = config_labels(runs)
+    rows = []
+    for r in runs:
+        per_layer: dict[str, list[dict]] = {}
+        for entry in r.get("mechanism_telemetry") or []:
+            for layer, stats in (entry.get("layers") or {}).items():
+                per_layer.setdefault(layer, []).append(stats)
+        for layer, entries in per_layer.items():
+            rows.append({"config": labels[config_key(r)], "layer": layer,
+                         **{k: float(np.mean([e.get(k, np.nan) for e in entries])) for k in MECHANISM}})
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows).groupby(["config", "layer"], as_index=False)[list(MECHANISM)].mean()
+    return df.dropna(axis=1, how="all")
+
+
 def fig_level_telemetry(runs: list[dict]):
     """Updates, gradient and update norms and effective step sizes of every level (None when no run
     logged levels)."""
@@ -553,6 +577,12 @@ def build_report(paths, out: Path | None = None, plots: bool = True, metrics: li
     tele = telemetry_frame(runs)
     if not tele.empty:
         md.append("\n## Per-level telemetry (mean over seeds)\n\n" + markdown_frame(tele))
+    mech = mechanism_frame(runs)
+    if not mech.empty:
+        md.append("\n## Self-modification telemetry (training; mean over experiences and seeds)\n\n"
+                  "writes_per_sequence: chunk steps whose writes are read later (k/v/eta/alpha memories), token "
+                  "writes and gradient-point refreshes of the main memory; eigenvalue: W2's transition along "
+                  "k (alpha - erase).\n\n" + markdown_frame(mech))
     files = []
     if plots:
         figs = {"final_metrics.png": fig_final_metrics(agg), "accuracy_matrices.png": fig_accuracy_matrices(runs),

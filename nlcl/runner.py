@@ -36,6 +36,7 @@ from nlcl.datamodule import ContinualDataModule, default_datamodule, trim_paddin
 from nlcl.divergence import DivergenceGuard
 from nlcl.learner import Learner
 from nlcl.models import build_model, count_parameters
+from nlcl.models.telemetry import chunking_warnings, collect_mechanism_stats, longest_sequence
 from nlcl.optim import build_optimizer
 from nlcl.plugins import load_plugins
 from nlcl.progress import PlainProgress
@@ -94,6 +95,10 @@ def build_parts(cfg: DictConfig) -> RunParts:
     learner = Learner(model, stream.num_classes, make_optimizer, strategies,
                       log_every=int(cfg.trainer.log_every), objective=stream.objective,
                       mask_unseen=bool(cfg.trainer.get("mask_unseen", True)))
+    if stream.input_kind == "tokens":  # self-modification that cannot act is said before training
+        longest = max(longest_sequence(e.train.x, stream.pad_id) for e in stream.experiences)
+        for message in chunking_warnings(model, longest):
+            print(f"[nlcl] WARNING {message}", file=sys.stderr)
     return RunParts(stream, learner, strategies)
 
 
@@ -302,6 +307,7 @@ def _run_locked(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodul
     R_til: list[list[float]] = []
     timings: list[dict] = []
     curves: list[dict] = []
+    mechanism: list[dict] = []  # per experience: what the self-modifying layers did while training
     start_exp = 0
     if state_path.exists():
         state = require(safe_torch_load(state_path), state_path)  # checksum verified, keys present
@@ -311,6 +317,7 @@ def _run_locked(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodul
         learner.load_run_state(state["learner"])
         R_cil, R_til = state["R_cil"], state["R_til"]
         timings, curves = state["timings"], state.get("curves", [])
+        mechanism = state.get("mechanism", [])
         start_exp = len(R_cil) - 1
         say(f"[nlcl] resuming {run_dir} after experience {start_exp - 1} ({start_exp}/{len(stream)} done)")
     if writer:
@@ -368,6 +375,9 @@ def _run_locked(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodul
             if trainer.interrupted:
                 raise KeyboardInterrupt(f"training interrupted during experience {i}")
         t1 = time.perf_counter()
+        layers = collect_mechanism_stats(learner.model)  # before evaluation and strategies' own passes
+        if layers:
+            mechanism.append({"experience": i, "layers": layers})
         for s in strategies:
             s.after_experience(learner, stream, i)
         cil, til = evaluate_all(learner, stream, int(tcfg.eval_batch_size), seen_upto=i, datamodule=datamodule)
@@ -386,10 +396,12 @@ def _run_locked(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodul
         run_state = learner.run_state()  # a collective under FSDP: every rank takes part
         if writer:
             atomic_torch_save(state_path, {"fingerprint": fingerprint, "learner": run_state,
-                                           "R_cil": R_cil, "R_til": R_til, "timings": timings, "curves": curves})
+                                           "R_cil": R_cil, "R_til": R_til, "timings": timings, "curves": curves,
+                                           "mechanism": mechanism})
         D.barrier()  # nobody goes on (or is killed) while rank 0 is still writing
 
-    results = finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir, write=writer)
+    results = finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir, write=writer,
+                     mechanism=mechanism)
     for lg in loggers:
         lg.log_metrics({f"final/{k}": v for k, v in results["metrics"].items() if isinstance(v, float)},
                        step=learner.total_steps)
@@ -403,7 +415,8 @@ def _run_locked(cfg: DictConfig, *, callbacks=(), quiet: bool = False, datamodul
     return results
 
 
-def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir: Path, write: bool = True) -> dict:
+def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_dir: Path, write: bool = True,
+           mechanism: list | None = None) -> dict:
     hib = stream.higher_is_better
     metrics = M.all_metrics(torch.tensor(R_cil), higher_is_better=hib)
     metrics_til = {f"{k}_task_il": v for k, v in M.all_metrics(torch.tensor(R_til), higher_is_better=hib).items()}
@@ -424,6 +437,7 @@ def finish(cfg, stream, learner, R_cil, R_til, timings, curves, n_params, run_di
         "timings": {"experiences": timings, "train_s": sum(t["train_s"] for t in timings),
                     "eval_s": sum(t["eval_s"] for t in timings)},
         "total_steps": learner.total_steps, "level_telemetry": telemetry, "curves": curves,
+        "mechanism_telemetry": mechanism or [],
         "versions": versions(), "config_fingerprint": config_fingerprint(cfg),
     }
     if not write:

@@ -50,7 +50,7 @@ CHUNKS = [(4, 3), (1, 1), (5, 16), (16, 2)]  # (memory, other): ragged, token-wi
 
 @pytest.mark.parametrize(
     "chunks,objective,rule,momentum",
-    list(itertools.product(CHUNKS, ["l2", "dot"], ["dgd", "gd"], [0.0, 0.6])),
+    list(itertools.product(CHUNKS, ["l2", "dot"], ["dgd", "gd"], [False, True])),
 )
 def test_chunk_parallel_equals_sequential(chunks, objective, rule, momentum):
     layer = make_layer(
@@ -71,14 +71,14 @@ def test_chunk_parallel_equals_sequential(chunks, objective, rule, momentum):
     ],
 )
 def test_chunk_parallel_equals_sequential_switches(switches):
-    layer = make_layer(chunk_size_memory=4, chunk_size_other=3, momentum=0.5, **switches)
+    layer = make_layer(chunk_size_memory=4, chunk_size_other=3, momentum=True, **switches)
     x = inputs()
     assert rel_err(layer(x), reference_forward(layer, x)) < 1e-10
 
 
 def test_outer_gradients_equal_sequential():
     """The writes are differentiable in both forms, and the gradients agree (not just values)."""
-    layer = make_layer(chunk_size_memory=4, chunk_size_other=3, momentum=0.5, adaptive_q=True)
+    layer = make_layer(chunk_size_memory=4, chunk_size_other=3, momentum=True, adaptive_q=True)
     x, w = inputs(), inputs(seed=2)
     params = list(layer.parameters())
     chunked = torch.autograd.grad((layer(x) * w).sum(), params)
@@ -108,7 +108,7 @@ def test_inner_gradients_match_autograd(residual, objective, activation):
     C = 4
     k = torch.nn.functional.normalize(torch.randn(6, C, 6, dtype=torch.float64), dim=-1)
     v = torch.randn(6, C, 6, dtype=torch.float64)
-    e, g, h = inner_gradients(state, k, v, objective, activation)
+    e, g, h = inner_gradients(state, k, v, objective, activation)  # no clip: the plain gradient
     for t in range(C):
         leaves = [p.detach().requires_grad_() for p in (state.w1, state.w2, state.b) if p is not None]
         leaf_state = state._replace(w1=leaves[0], w2=leaves[1], b=leaves[2] if len(leaves) > 2 else None)
@@ -140,7 +140,7 @@ def test_dgd_closed_form_is_the_proximal_solve(eta):
 
     # the layer's write machinery, one token with alpha = 1, erase = eta' and gradient -u x^T
     eta_p = torch.full((1, 1), eta / (1 + eta), dtype=torch.float64)
-    decay = chunk_decay(torch.zeros(1, 1, dtype=torch.float64), beta=0.0)
+    decay = chunk_decay(torch.zeros(1, 1, dtype=torch.float64))
     W1, _, _ = fast_matrix_chunk(W[None], None, x[None, None], -u[None, None], eta_p, decay, erase=eta_p)
     assert torch.allclose(W1[0], prox, atol=1e-12)
 
@@ -150,7 +150,7 @@ def test_dgd_closed_form_is_the_proximal_solve(eta):
 
 @pytest.mark.parametrize("t0", [0, 4, 6, 11])
 def test_causal(t0):
-    layer = make_layer(chunk_size_memory=5, chunk_size_other=3, momentum=0.5, adaptive_q=True)
+    layer = make_layer(chunk_size_memory=5, chunk_size_other=3, momentum=True, adaptive_q=True)
     x = inputs()
     x2 = x.clone()
     x2[:, t0 + 1 :] += torch.randn_like(x2[:, t0 + 1 :])
@@ -174,7 +174,7 @@ def test_batch_independent():
 # --- every generator learns ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("switches", [dict(), dict(adaptive_q=True, momentum=0.5)])
+@pytest.mark.parametrize("switches", [dict(), dict(adaptive_q=True, momentum=True)])
 def test_every_parameter_gets_a_gradient(switches):
     layer = make_layer(dtype=torch.float32, chunk_size_memory=4, chunk_size_other=4, **switches)
     x = inputs(length=16, dtype=torch.float32)
@@ -202,21 +202,26 @@ def memory_params(name):
     return {f"memories.{name}.w1", f"memories.{name}.w2"}
 
 
+ERASE = {"memories.erase.w1", "memories.erase.w2", "memories.erase.b"}
+GATE = {"momentum_gate", "momentum_bias"}
+
+
 @pytest.mark.parametrize(
-    "switch,first_changed_output",
+    "switch,first_changed_output,extra,dropped",
     [
-        (dict(update_rule="gd"), 1),  # changes the writes: first write is read at token 1
-        (dict(inner_objective="dot"), 1),
-        (dict(momentum=0.6), 2),  # S_1 = -eta G_1 either way: first difference after two writes
+        (dict(update_rule="gd"), 1, set(), ERASE),  # changes the writes: first write is read at token 1
+        (dict(eigenvalues="positive"), 1, set(), ERASE),  # erase = alpha eta' instead of its own gate
+        (dict(inner_objective="dot"), 1, set(), set()),
+        (dict(momentum=True), 2, GATE, set()),  # S_1 = -eta G_1 either way: first difference after two writes
     ],
 )
-def test_update_switches_change_only_the_writes(switch, first_changed_output):
+def test_update_switches_change_only_the_writes(switch, first_changed_output, extra, dropped):
     base, other, missing, unexpected = pair(**switch)
-    assert not missing and not unexpected  # same parameter set
+    assert missing == extra and unexpected == dropped  # exactly the parameters the switch names
     x = inputs()
     gb, go = base.generate(x), other.generate(x)
-    for a, b in zip(gb, go):  # generation inside the first chunk reads only the initial states
-        assert torch.equal(a[:, :3], b[:, :3])
+    for name in ("q", "k", "v", "eta", "log_alpha"):  # the first chunk reads only the initial states
+        assert torch.equal(getattr(gb, name)[:, :3], getattr(go, name)[:, :3]), name
     yb, yo = base(x), other(x)
     assert torch.allclose(yb[:, :first_changed_output], yo[:, :first_changed_output], rtol=0, atol=1e-13)
     assert not torch.allclose(yb[:, first_changed_output], yo[:, first_changed_output])
@@ -284,7 +289,7 @@ def test_tiny_model_learns_to_copy_in_context():
         seq = torch.cat([first, torch.full((size, 1), vocab), first], dim=1)  # vocab = SEP
         return seq[:, :-1], seq[:, 1:]
 
-    cfg = SelfModifyingTitansConfig(d_model=d, n_heads=2, chunk_size_memory=8, chunk_size_other=8, eta_init=0.2)
+    cfg = SelfModifyingTitansConfig(d_model=d, n_heads=2)  # the defaults
     embed, mixer = torch.nn.Embedding(vocab + 1, d), SelfModifyingTitans(cfg)
     head = torch.nn.Linear(d, vocab + 1)
     opt = torch.optim.Adam([*embed.parameters(), *mixer.parameters(), *head.parameters()], lr=1e-2)
@@ -305,3 +310,164 @@ def test_tiny_model_learns_to_copy_in_context():
     with torch.no_grad():
         loss, acc = loss_and_accuracy(*held_out)
     assert acc_before < 0.3 and acc > 0.9, (acc_before, acc, loss.item())
+
+
+# --- the mechanisms act at the settings people run ----------------------------------------------
+
+
+def test_defaults_self_modify_on_intent_length_sequences():
+    """At the default chunk sizes a 32-token sequence (nlcl's intent streams) is changed by the
+    self-modifying writes: infinite chunks (no write ever read) give a different output."""
+    torch.manual_seed(0)
+    cfg = SelfModifyingTitansConfig(d_model=32, n_heads=2)
+    layer = SelfModifyingTitans(cfg).double()
+    inert = SelfModifyingTitans(SelfModifyingTitansConfig(d_model=32, n_heads=2, chunk_size_other=1000,
+                                                          chunk_size_memory=1000)).double()
+    inert.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 32, 32, dtype=torch.float64)
+    dy = (layer(x) - inert(x)).abs()
+    assert dy[:, : cfg.chunk_size_other].max() < 1e-12  # the first chunk reads only the initial states
+    assert dy[:, cfg.chunk_size_other :].max() > 1e-3
+    writes = layer.writes_per_sequence(32)
+    assert writes["k"] == writes["eta"] == writes["alpha"] == writes["erase"] == 3
+    assert writes["memory_refresh"] == 1 and writes["memory"] == 31
+    assert inert.writes_per_sequence(32)["k"] == 0
+
+
+def test_chunking_warning_names_the_field():
+    from nlcl.models.telemetry import chunking_warnings, longest_sequence
+
+    layer = SelfModifyingTitans(SelfModifyingTitansConfig(d_model=16, n_heads=2, chunk_size_other=64))
+    model = torch.nn.Sequential(layer)
+    x = torch.tensor([[5, 6, 7, 0, 0], [1, 2, 0, 0, 0]])
+    assert longest_sequence(x, pad_id=0) == 3
+    (message,) = chunking_warnings(model, 50)
+    assert "model.memory.chunk_size_other=64" in message and "50 tokens" in message
+    assert chunking_warnings(model, 65) == [] or "chunk_size_other" not in chunking_warnings(model, 65)[0]
+    default = torch.nn.Sequential(SelfModifyingTitans(SelfModifyingTitansConfig(d_model=16, n_heads=2)))
+    assert chunking_warnings(default, 32) == []
+
+
+def extreme_gates(layer, eta_logit=None, erase_logit=None):
+    with torch.no_grad():
+        if eta_logit is not None:
+            layer.memories["eta"].b.fill_(eta_logit)
+        if erase_logit is not None and "erase" in layer.memories:
+            layer.memories["erase"].b.fill_(erase_logit)
+    return layer
+
+
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+@pytest.mark.parametrize("retention", [True, False])
+def test_signed_eigenvalues_span_minus_one_to_alpha(retention, objective):
+    """Signed (default): one token's transition eigenvalue along k (alpha - erase, minus the l2
+    gradient's own erasure eta(k)) lies in (-1, alpha] and comes near -1 and near its top at the
+    extremes of the erase generator. Positive: the erase factor's eigenvalue alpha (1 - eta(k)) is in
+    (0, alpha) whatever the generators do, and there is no erase generator."""
+    from nlcl.models.self_modifying_titans import transition_eigenvalue
+
+    x = inputs(dtype=torch.float64)
+    for logit, near_minus_one in [(12.0, True), (-12.0, False)]:
+        layer = extreme_gates(make_layer(retention=retention, inner_objective=objective), erase_logit=logit)
+        gen = layer.generate(x)
+        alpha = gen.log_alpha.exp()
+        eig = transition_eigenvalue(layer.cfg, gen.eta, alpha, gen.erase)
+        top = alpha - (gen.eta / (1 + gen.eta) if objective == "l2" else 0)
+        assert (eig > -1).all() and (eig <= top + 1e-12).all()
+        if near_minus_one:
+            assert eig.max() < -0.999
+        else:
+            assert torch.allclose(eig, top, atol=1e-4)
+    for logit in (12.0, -12.0):
+        layer = extreme_gates(make_layer(retention=retention, eigenvalues="positive"), eta_logit=logit)
+        assert "erase" not in layer.memories
+        gen = layer.generate(x)
+        alpha = gen.log_alpha.exp()
+        assert (alpha - gen.erase > 0).all() and (alpha - gen.erase < alpha).all()
+
+
+def test_negative_eigenvalues_reachable_from_init():
+    """At the default initialisation the erase generator sits mid-range and the outer gradient
+    reaches it, so training can move eigenvalues below zero; the telemetry counts them."""
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(SelfModifyingTitansConfig(d_model=32, n_heads=2))
+    x = torch.randn(2, 32, 32)
+    from nlcl.models.self_modifying_titans import transition_eigenvalue
+
+    gen = layer.generate(x)
+    eig = transition_eigenvalue(layer.cfg, gen.eta, gen.log_alpha.exp(), gen.erase)
+    assert 0.2 < eig.mean().item() < 0.8  # the middle of (-1, 1), not an edge
+    layer(x).square().mean().backward()
+    assert layer.memories["erase"].b.grad.abs().max() > 0
+    stats = layer.mechanism_stats()
+    assert stats["negative_eigenvalue_fraction"] == 0.0  # none yet at init...
+    layer.reset_mechanism_stats()
+    extreme_gates(layer, erase_logit=3.0)  # ...and some once the erase generator has moved
+    layer(x)
+    stats = layer.mechanism_stats()
+    gen = layer.generate(x)
+    expected = (transition_eigenvalue(layer.cfg, gen.eta, gen.log_alpha.exp(), gen.erase) < 0).float().mean().item()
+    assert stats["negative_eigenvalue_fraction"] > 0.5
+    assert abs(stats["negative_eigenvalue_fraction"] - expected) < 1e-6
+
+
+def test_telemetry_counts_training_forwards_only():
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(SelfModifyingTitansConfig(d_model=16, n_heads=2))
+    x = torch.randn(3, 40, 16)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert layer.mechanism_stats() == {}
+    layer.train()
+    layer(x)
+    layer(x[:1, :20])
+    stats = layer.mechanism_stats()
+    # 3 sequences of 40 tokens (4 writes at chunk 8) and one of 20 (2 writes)
+    assert stats["writes_per_sequence/k"] == pytest.approx((3 * 4 + 1 * 2) / 4)
+    gen = layer.generate(x)
+    assert stats["eta_min"] <= gen.eta.min().item() + 1e-6 and stats["eta_max"] >= gen.eta.max().item() - 1e-6
+    for key in ("alpha_mean", "erase_mean", "eigenvalue_min", "negative_eigenvalue_fraction"):
+        assert key in stats
+
+
+def test_momentum_gate_is_data_dependent_per_token_and_head():
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(SelfModifyingTitansConfig(d_model=16, n_heads=2, momentum=True))
+    with torch.no_grad():
+        layer.momentum_gate.normal_()
+    _, u_k, _ = layer.memory_inputs(torch.randn(2, 12, 16))
+    beta = layer.momentum_log_gate(u_k).exp()  # [B*H, T]
+    assert beta.shape == (4, 12) and ((beta > 0) & (beta < 1)).all()
+    assert beta.std(dim=1).min() > 1e-3  # varies over tokens
+    assert (beta[0] - beta[1]).abs().max() > 1e-3  # and between the heads of one sequence
+    off = SelfModifyingTitans(SelfModifyingTitansConfig(d_model=16, n_heads=2, momentum=False))
+    assert off.momentum_log_gate(u_k) is None and not hasattr(off, "momentum_gate")
+
+
+@pytest.mark.parametrize("chunk,length", [(16, 8192), (1, 1024)])
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+def test_writes_stay_bounded_at_the_largest_gates(chunk, length, objective):
+    """float32, eta = eta_max and erase at the top of its range (the largest the parametrisation
+    allows), no retention (nothing decays): the forward stays finite and bounded over long random
+    sequences. (Without the per-token clip it overflowed within 100 tokens.)"""
+    torch.manual_seed(0)
+    cfg = SelfModifyingTitansConfig(d_model=32, n_heads=2, chunk_size_memory=chunk, chunk_size_other=chunk,
+                                    inner_objective=objective, retention=False)
+    layer = extreme_gates(SelfModifyingTitans(cfg), eta_logit=30.0, erase_logit=30.0)
+    with torch.no_grad():
+        y = layer(torch.randn(1, length, 32))
+    assert torch.isfinite(y).all() and y.abs().max() < 10
+
+
+@pytest.mark.parametrize("objective", ["l2", "dot"])
+def test_gradients_stay_bounded_at_the_defaults_on_long_sequences(objective):
+    """At the default gates the outer gradient through 2,048 tokens (256 chunks of the other
+    memories) stays finite and small. (At the largest gates it does not: see the module notes.)"""
+    torch.manual_seed(0)
+    layer = SelfModifyingTitans(SelfModifyingTitansConfig(d_model=32, n_heads=2, inner_objective=objective))
+    y = layer(torch.randn(1, 2048, 32))
+    grads = torch.autograd.grad(y.square().mean(), list(layer.parameters()), allow_unused=True)
+    assert torch.isfinite(y).all() and y.abs().max() < 10
+    for g in grads:
+        assert g is None or (torch.isfinite(g).all() and g.abs().max() < 1.0)

@@ -2,44 +2,68 @@
 
 Read top to bottom: config -> pure math (activation, DGD closed form, one chunk of a fast matrix)
 -> in-context memories (state, read, inner gradient, chunk step) -> the layer (generation phase,
-main-memory phase, output) -> `reference_forward`, the token-by-token version the tests compare to.
+main-memory phase, output, telemetry) -> `reference_forward`, the token-by-token version the tests
+compare to in float64.
 
 What the layer computes for each head (fast weights batched over batch x heads, never shared):
 
   inputs    u_q, u_k, u_v = SiLU(causal depthwise conv4(x W_q|k|v))          static, slowest level
   generate  k_t = l2norm(M_k(u_k,t)),  v_t = M_v(u_v,t),  q_t = l2norm(u_q,t)    (Eqs. 83-85)
             eta_t = eta_max sigmoid(M_eta(u_k,t)),  alpha_t = sigmoid(M_alpha(u_k,t))
+            erase_t = (1 + alpha_t) sigmoid(M_erase(u_k,t))          (signed eigenvalues, default)
   targets   v_hat_{m,t} = M_m(v_t) for every memory m                         (self-generated values)
   read      o_t = M_memory,t-1(q_t)                          (running state, before token t's write)
-  write     M_m <- M_m (alpha_t I - eta_t k_t k_t^T) - eta_t grad L(M_m; k_t, v_hat_{m,t})  (Eq. 88)
+  write     W2 <- W2 (alpha_t I - erase_t k_t k_t^T) + S2,   W1 <- alpha_t W1 + S1,   b <- b + Sb
+            S  <- beta_t S - eta(x)_t grad L(M_m; k_t, v_hat_{m,t}),   eta(x) = eta/(1 + eta ||x||^2)
   output    W_o (RMSNorm(o_t) * SiLU(x_t W_g))                                 (Titans-style)
 
 With `adaptive_q` the query is l2norm(M_q(u_q,t)); with `adaptive_k`/`adaptive_v` off, k/v are the
 static inputs themselves. k, v, q and the main memory are residual MLPs M(x) = x + W1 s(W2 x);
-eta and alpha are one output per head, w1^T s(W2 x) + b. Every memory's initial state (W1, W2, b)
-is a meta-learned nn.Parameter; the fast copies start from it for every sequence.
+eta, alpha and erase are one output per head, w1^T s(W2 x) + b. Every memory's initial state
+(W1, W2, b) is a meta-learned nn.Parameter; the fast copies start from it for every sequence.
 
-Choices the paper leaves open:
+Choices the paper leaves open (and why):
+  * Chunk sizes (§8.2 does not report them). Defaults 8 for the k/v/q/eta/alpha/erase memories and
+    16 for the main memory (the paper's Hope figure shows 16). Within a chunk everything comes from
+    the chunk-start states, and the last chunk's writes are never read, so a memory self-modifies
+    ceil(T/C) - 1 times per sequence: with 64 (the old default) nothing self-modified on nlcl's
+    intent (32 tokens) or Bin0 formal-language (<= 50 tokens) sequences. 8 gives 3 writes at T=32.
+  * Signed transition eigenvalues (`eigenvalues="signed"`). Along k the W2 transition has
+    eigenvalue alpha - erase; every other direction alpha. State tracking such as parity needs
+    values down to -1 (Grazzi et al. 2024), which eta' = eta/(1+eta) < 1 of DGD's closed form
+    (Eq. 57) never reaches. So the erase strength gets its own self-modifying generator and the
+    range (0, 1 + alpha): the eigenvalue lies in (-1, alpha] and any sign is reachable from the
+    initialisation (erase_init = 0.5 puts it near 0.5, the middle of the sigmoid's range).
+    `eigenvalues="positive"` keeps DGD's coupling, erase = alpha eta(k), eigenvalue alpha (1 - eta(k))
+    in (0, alpha). `update_rule="gd"` has no erase at all (eigenvalue alpha).
+  * Bounded writes. (1) Step normalised by each matrix's own input (Eq. 57 for ||x|| != 1): a
+    matrix with input x steps eta/(1 + eta ||x||^2) (W2: x = k, unit norm; W1: its hidden input
+    h = s(W2 k), which is not normalised; b: x = 1), so one token's effective step along x,
+    eta ||x||^2 / (1 + eta ||x||^2), is below 1 for any eta. Unnormalised, eta |h|^2 grew
+    0.3 -> 3.8 -> 295 over three chunks and training went to NaN. (2) That alone is not enough:
+    inside a chunk all C gradients are taken at the chunk-start state, so C correlated tokens add
+    up to C times the step, and the self-generated target M(v) moves with the state; on random
+    input at chunk 16 the states overflowed within 100 tokens for eta >= 0.5. So each token's
+    inner-gradient vectors (e, then g) are clipped to RMS <= `inner_grad_clip` (default 1). With
+    the transitions non-expansive (|alpha - erase| <= 1, alpha <= 1), every write then has a bounded
+    norm and a state can grow at most linearly in the sequence length, never exponentially.
+    `inner_grad_clip=None` turns the clip off (the float64 tests run both).
   * Inner gradient. `l2`: grad of 1/2 ||M(k) - v_hat||^2; `dot`: grad of -<M(k), v_hat> (Eq. 92
     with its sign corrected). v_hat is a constant target *inside* the inner gradient (Eq. 93), but
     nothing is detached for the outer gradient: it flows through v_hat, through every write, into
-    the generators of k, v, eta, alpha and every initial state.
-  * DGD on an MLP. The (alpha I - eta k k^T) factor acts on W2 (the matrix whose input is k); W1
-    gets plain retention alpha plus its gradient; the bias b of eta/alpha gets its gradient only,
-    no retention (retention would pull b, which holds the gate's default, towards 0). The
-    generator's eta plays the role of DGD's eta' = eta/(1+eta) (see `dgd_closed_form`).
-  * Chunking. Everything inside a chunk (k, v, q, eta, alpha, v_hat, inner gradients) comes from
-    the states at the previous chunk's end; chunk_size_other for the k/v/q/eta/alpha memories,
-    chunk_size_memory for the main memory. Only the main memory's read uses the running state.
-    A ragged last chunk is just shorter (nothing comes after it, so no padding is needed).
-  * Momentum (Titans-style, ablated in Table 6): S_t = beta S_{t-1} - eta_t grad_t,
-    W_t = W_{t-1}(alpha_t I - eta_t k_t k_t^T) + S_t; beta = 0 is Eq. 88 exactly. Reset per sequence.
-  * eta and alpha memories read the key path's input u_k (no extra projections).
+    the generators of k, v, eta, alpha, erase and every initial state.
+  * DGD on an MLP. The erase factor acts on W2 (the matrix whose input is k); W1 gets plain
+    retention alpha plus its gradient; the bias b of the scalar memories gets its gradient only,
+    no retention (retention would pull b, which holds the gate's default, towards 0).
+  * Momentum (Table 6's "w/o momentum" switch; Eq. 88 itself has none). With `momentum=True`
+    each matrix keeps Titans' surprise momentum S_t = beta_t S_{t-1} - eta_t grad_t (Titans §3.1),
+    with a data-dependent gate beta_t = sigmoid(u_k,t . w_beta + b_beta) per token and head, reset
+    to 0 for every sequence. `momentum=False` ("w/o momentum") is Eq. 88 exactly. The gate is a
+    static projection as in Titans, not a self-modifying memory. Default off: nlcl's Hope is Eq. 88.
+  * eta, alpha and erase memories read the key path's input u_k (no extra projections).
 
-Stability (measured on random inputs, d=128, 4 heads, T=1024, chunks 16 and 64): the inner
-dynamics stay bounded with `l2` for eta up to about 0.4 and with `dot` (whose self-generated target
-rewards growth) up to about 0.1-0.2; momentum multiplies the effective step by 1/(1-beta); past
-that the fast weights blow up. Hence eta_max = 0.3 and eta_init = 0.05 by default.
+Stability is tested in float32 at the largest eta and erase the parametrisation allows, chunks 1
+and 16, on long random sequences: outputs and gradients finite and bounded.
 """
 from __future__ import annotations
 
@@ -59,22 +83,30 @@ class SelfModifyingTitansConfig:
     head_dim: Optional[int] = None  # default d_model // n_heads
     memory_hidden: Optional[int] = None  # hidden width of every memory MLP; default head_dim
     activation: str = "silu"  # silu | gelu: the memories' s(.)
-    chunk_size_memory: int = 64  # main memory
-    chunk_size_other: int = 64  # k, v, q, eta, alpha memories
+    chunk_size_memory: int = 16  # main memory (the paper's Hope figure)
+    chunk_size_other: int = 8  # k, v, q, eta, alpha, erase memories; see "Chunk sizes" above
     inner_objective: str = "l2"  # l2 | dot
-    update_rule: str = "dgd"  # dgd | gd (gd drops the -eta k k^T factor)
+    update_rule: str = "dgd"  # dgd | gd (gd drops the erase factor)
+    eigenvalues: str = "signed"  # signed: erase in (0, 1 + alpha) | positive: erase = alpha eta(k)
     retention: bool = True  # off: alpha = 1 exactly (the alpha memory's parameters are kept, unused)
-    momentum: float = 0.0  # beta of Titans-style momentum on the inner gradient; 0 = off
+    momentum: bool = False  # Titans' data-dependent momentum on the inner gradient (Table 6 switch)
+    momentum_init: float = 0.5  # beta at initialisation (through the gate's bias)
     adaptive_k: bool = True  # off: k is the static projection (moved to the slowest level)
     adaptive_v: bool = True
     adaptive_q: bool = False  # §8.1: q is "the only non-adaptive projection"
     conv_size: int = 4
-    eta_max: float = 0.3  # eta = eta_max * sigmoid(.); see "Stability" above
-    eta_init: float = 0.05  # eta at initialisation (through the eta memory's bias)
+    eta_max: float = 4.0  # eta = eta_max * sigmoid(.); each matrix then steps eta/(1 + eta |x|^2)
+    eta_init: float = 0.5  # eta at initialisation (through the eta memory's bias)
+    erase_init: float = 0.2  # erase at init (signed only): eigenvalue along k ~0.46 with the defaults
+    inner_grad_clip: Optional[float] = 1.0  # per-token RMS bound of the inner gradient vectors; None: off
     alpha_init: float = 0.99  # alpha at initialisation (through the alpha memory's bias)
     norm_eps: float = 1e-6
 
     def __post_init__(self):
+        for name in ("d_model", "n_heads", "conv_size", "chunk_size_memory", "chunk_size_other"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.memory.{name} must be an integer >= 1, got {value!r}")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
@@ -85,15 +117,36 @@ class SelfModifyingTitansConfig:
             ("activation", self.activation, ("silu", "gelu")),
             ("inner_objective", self.inner_objective, ("l2", "dot")),
             ("update_rule", self.update_rule, ("dgd", "gd")),
+            ("eigenvalues", self.eigenvalues, ("signed", "positive")),
         ]:
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not (0.0 < self.eta_init < self.eta_max and 0.0 < self.alpha_init < 1.0):
-            raise ValueError("need 0 < eta_init < eta_max and 0 < alpha_init < 1")
-        if min(self.chunk_size_memory, self.chunk_size_other) < 1:
-            raise ValueError("chunk sizes must be >= 1")
+                raise ValueError(f"model.memory.{name} must be one of {allowed}, got {value!r}")
+        for name in ("retention", "momentum", "adaptive_k", "adaptive_v", "adaptive_q"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.memory.{name} must be true or false, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.eta_max) and 0.0 < self.eta_init < self.eta_max):
+            raise ValueError(f"model.memory: need 0 < eta_init < eta_max < inf, got eta_init={self.eta_init}, "
+                             f"eta_max={self.eta_max}")
+        if self.inner_grad_clip is not None and not (math.isfinite(self.inner_grad_clip) and self.inner_grad_clip > 0):
+            raise ValueError(f"model.memory.inner_grad_clip must be > 0 and finite (or null), got {self.inner_grad_clip}")
+        if not 0.0 < self.alpha_init < 1.0:
+            raise ValueError(f"model.memory.alpha_init must be in (0, 1), got {self.alpha_init}")
+        if not 0.0 < self.momentum_init < 1.0:
+            raise ValueError(f"model.memory.momentum_init must be in (0, 1), got {self.momentum_init}")
+        if not 0.0 < self.erase_init < self.erase_room_at_init:
+            raise ValueError(f"model.memory.erase_init must be in (0, {self.erase_room_at_init:.4g}) (the signed range "
+                             f"at alpha_init and eta_init), got {self.erase_init}")
+
+    @property
+    def erase_room_at_init(self) -> float:
+        """Upper end of the signed erase range at initialisation (see `erase_strength`)."""
+        alpha = self.alpha_init if self.retention else 1.0
+        return 1.0 + alpha - (self.eta_init / (1 + self.eta_init) if self.inner_objective == "l2" else 0.0)
+
+    @property
+    def separate_erase(self) -> bool:
+        """Whether the erase strength has its own generator (signed eigenvalues under DGD)."""
+        return self.update_rule == "dgd" and self.eigenvalues == "signed"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,25 +166,27 @@ def activation_and_derivative(z: Tensor, name: str) -> tuple[Tensor, Tensor]:
 def dgd_closed_form(W: Tensor, x: Tensor, u: Tensor, eta: float | Tensor) -> Tensor:
     """Delta Gradient Descent step (Eq. 57) for ||x|| = 1: the exact minimiser of
     1/2 ||W' x - u||^2 + 1/(2 eta) ||W' - W||^2 is W (I - eta' x x^T) + eta' u x^T, eta' = eta/(1+eta).
-    The layer's generator outputs eta' directly, so its write is this with retention added."""
+    The layer takes this eta' as every matrix's step (`normalised_step`, with ||x|| kept in);
+    its erase strength is separate (see "Signed transition eigenvalues" above)."""
     eta_p = eta / (1 + eta)
     return W - eta_p * torch.outer(W @ x, x) + eta_p * torch.outer(u, x)
 
 
 class ChunkDecay(NamedTuple):
     """Retention and momentum coefficients of one chunk, shared by every matrix written with the
-    same alpha_t (see `fast_matrix_chunk` for the formula they enter). "prev" rows belong to the
-    state before token t's write (row t holds what row t-1 of the inclusive matrix holds)."""
+    same alpha_t and beta_t (see `fast_matrix_chunk` for the formula they enter). "prev" rows belong
+    to the state before token t's write (row t holds what row t-1 of the inclusive matrix holds)."""
 
     gamma_prev: Tensor  # [N, C] gamma_{t-1} = prod_{j<t} alpha_j
     G_prev: Tensor  # [N, C, C] gamma_{t-1} / gamma_j for j < t, else 0
-    D_prev: Tensor  # [N, C, C] G_prev @ Bm (momentum-weighted; = G_prev when beta = 0)
-    d0_prev: Optional[Tensor]  # [N, C] G_prev @ beta^j: weight of the chunk-start momentum
+    D_prev: Tensor  # [N, C, C] G_prev @ Bm (momentum-weighted; = G_prev without momentum)
+    d0_prev: Optional[Tensor]  # [N, C] G_prev @ b0: weight of the chunk-start momentum
     gamma_last: Tensor  # [N] gamma_C
     D_last: Tensor  # [N, C] last row of the inclusive D
     G_last: Tensor  # [N, C]
     d0_last: Optional[Tensor]  # [N]
-    beta: float
+    beta_total: Optional[Tensor]  # [N] prod_{j<=C} beta_j: what is left of S0 at the chunk's end
+    beta_to_end: Optional[Tensor]  # [N, C] prod_{j>l} beta_j: what is left of token l's gradient
 
 
 def shift_down(t: Tensor, dim: int) -> Tensor:
@@ -140,19 +195,27 @@ def shift_down(t: Tensor, dim: int) -> Tensor:
     return F.pad(t[..., :-1], (1, 0)).movedim(-1, dim)
 
 
-def chunk_decay(log_alpha: Tensor, beta: float) -> ChunkDecay:
-    """Coefficients for W_t = alpha_t W_{t-1} + S_t - ..., S_t = beta S_{t-1} + ..., within a chunk."""
-    C = log_alpha.shape[1]
-    idx = torch.arange(C, device=log_alpha.device)
+def _cumulative_ratios(log_a: Tensor) -> Tensor:
+    """[N, C] log gates -> [N, C, C] prod_{j<m<=t} a_m for j <= t (1 on the diagonal), else 0."""
+    C = log_a.shape[1]
+    idx = torch.arange(C, device=log_a.device)
     incl = idx[:, None] >= idx[None, :]
+    cum = log_a.cumsum(-1)
+    return torch.exp((cum[:, :, None] - cum[:, None, :]).masked_fill(~incl, float("-inf")))
+
+
+def chunk_decay(log_alpha: Tensor, log_beta: Optional[Tensor] = None) -> ChunkDecay:
+    """Coefficients for W_t = alpha_t W_{t-1} + S_t - ..., S_t = beta_t S_{t-1} + ..., within a chunk.
+    `log_beta` None: no momentum (S_t is the step alone)."""
     log_gamma = log_alpha.cumsum(-1)
-    diff = log_gamma[:, :, None] - log_gamma[:, None, :]
-    G = torch.exp(diff.masked_fill(~incl, float("-inf")))  # gamma_t / gamma_j for j <= t
-    D, d0 = G, None
-    if beta > 0:
-        Bm = (beta ** (idx[:, None] - idx[None, :]).clamp(min=0).to(G.dtype)) * incl  # beta^(j-l), l <= j
+    G = _cumulative_ratios(log_alpha)  # gamma_t / gamma_j for j <= t
+    D, d0, beta_total, beta_to_end = G, None, None, None
+    if log_beta is not None:
+        Bm = _cumulative_ratios(log_beta)  # prod_{l<m<=j} beta_m, l <= j
+        b0 = torch.exp(log_beta.cumsum(-1))  # prod_{m<=j} beta_m: weight of S0 in S_j
         D = G @ Bm
-        d0 = G @ (beta ** (idx + 1).to(G.dtype))  # sum_j G[t,j] beta^j
+        d0 = (G @ b0[..., None])[..., 0]
+        beta_total, beta_to_end = b0[:, -1], Bm[:, -1]
     return ChunkDecay(
         gamma_prev=torch.exp(shift_down(log_gamma, 1)),
         G_prev=shift_down(G, 1),
@@ -162,29 +225,30 @@ def chunk_decay(log_alpha: Tensor, beta: float) -> ChunkDecay:
         D_last=D[:, -1],
         G_last=G[:, -1],
         d0_last=None if d0 is None else d0[:, -1],
-        beta=beta,
+        beta_total=beta_total,
+        beta_to_end=beta_to_end,
     )
 
 
 def fast_matrix_chunk(
     W0: Tensor,  # [N, dout, din] state at chunk start
-    S0: Optional[Tensor],  # [N, dout, din] momentum at chunk start (None when beta == 0)
+    S0: Optional[Tensor],  # [N, dout, din] momentum at chunk start (None without momentum)
     x: Tensor,  # [N, C, din] inputs of the matrix (keys)
     u: Tensor,  # [N, C, dout] output-side gradient vectors, from the chunk-start state
     eta: Tensor,  # [N, C] learning rate
-    decay: ChunkDecay,  # from chunk_decay(log alpha, beta)
-    erase: Optional[Tensor] = None,  # [N, C] DGD erasure strength (eta for DGD); None: plain GD
+    decay: ChunkDecay,  # from chunk_decay(log alpha, log beta)
+    erase: Optional[Tensor] = None,  # [N, C] DGD erasure strength; None: plain GD
     queries: Optional[Tensor] = None,  # [N, C, din]: also return W_{t-1} y_t for each t
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """One chunk of   W_t = W_{t-1} (alpha_t I - erase_t x_t x_t^T) + S_t,
-                      S_t = beta S_{t-1} - eta_t u_t x_t^T,
+                      S_t = beta_t S_{t-1} - eta_t u_t x_t^T,
     solved in parallel: a gated delta rule whose writes are rank-1 gradients, WY/UT-style.
 
     Unrolled with gamma_t = prod_{j<=t} alpha_j, every state in the chunk is
         W_t = gamma_t W0 + d0_t S0 - sum_{j<=t} G[t,j] erase_j r_j x_j^T - sum_{l<=t} D[t,l] eta_l u_l x_l^T
-    with G[t,j] = gamma_t / gamma_j, D = G @ Bm, Bm[j,l] = beta^(j-l), d0 = G @ beta^j, and
-    r_j = W_{j-1} x_j, what the state currently maps x_j to (what DGD erases). Reading that formula
-    at y = x_i gives a unit lower-triangular system for all r_i at once.
+    with G[t,j] = gamma_t / gamma_j, D = G @ Bm, Bm[j,l] = prod_{l<m<=j} beta_m, d0 = G @ prod beta,
+    and r_j = W_{j-1} x_j, what the state currently maps x_j to (what DGD erases). Reading that
+    formula at y = x_i gives a unit lower-triangular system for all r_i at once.
     Returns (W_C, S_C, W_{t-1} y_t for every t)."""
     C = x.shape[1]
     u_eta = u * eta[..., None]
@@ -213,12 +277,15 @@ def fast_matrix_chunk(
     S = None
     if S0 is not None:
         W = W + decay.d0_last[:, None, None] * S0
-        beta = decay.beta
-        to_end = beta ** torch.arange(C - 1, -1, -1, device=x.device).to(x.dtype)  # beta^(C-l)
-        S = beta**C * S0 - (u_eta * to_end[..., None]).transpose(1, 2) @ x
+        S = decay.beta_total[:, None, None] * S0 - (u_eta * decay.beta_to_end[..., None]).transpose(1, 2) @ x
 
     reads = read(queries, r) if queries is not None else None
     return W, S, reads
+
+
+def normalised_step(eta: Tensor, x: Tensor) -> Tensor:
+    """eta/(1 + eta ||x||^2): DGD's step (Eq. 57) for an input x that need not be unit-norm."""
+    return eta / (1 + eta * x.pow(2).sum(-1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,14 +341,24 @@ def memory_forward(state: MemoryState, x: Tensor, activation: str) -> tuple[Tens
     return out, z, h
 
 
-def inner_gradients(state: MemoryState, keys: Tensor, values: Tensor, objective: str, activation: str):
+def clip_rows(u: Tensor, max_rms: Optional[float]) -> Tensor:
+    """Scale each row u_t down to RMS <= max_rms (||u_t|| <= max_rms sqrt(dim)); None: unchanged."""
+    if max_rms is None:
+        return u
+    limit = max_rms * math.sqrt(u.shape[-1])
+    return u * (limit / (u.norm(dim=-1, keepdim=True) + 1e-12)).clamp(max=1.0)
+
+
+def inner_gradients(state: MemoryState, keys: Tensor, values: Tensor, objective: str, activation: str,
+                    max_rms: Optional[float] = None):
     """Rank-1 factors of the inner gradient at this (chunk-start) state, for every token:
-    grad W1 = e h^T, grad W2 = g k^T, grad b = e, with e = dLoss/dM(k) and v_hat = M(v) held constant."""
+    grad W1 = e h^T, grad W2 = g k^T, grad b = e, with e = dLoss/dM(k) and v_hat = M(v) held constant.
+    With `max_rms`, e and then g are clipped per token (see "Bounded writes" in the module notes)."""
     v_hat, _, _ = memory_forward(state, values, activation)
     pred, z, h = memory_forward(state, keys, activation)
-    e = pred - v_hat if objective == "l2" else -v_hat
+    e = clip_rows(pred - v_hat if objective == "l2" else -v_hat, max_rms)
     _, ds = activation_and_derivative(z, activation)
-    g = (e @ state.w1) * ds
+    g = clip_rows((e @ state.w1) * ds, max_rms)
     return e, g, h
 
 
@@ -289,25 +366,49 @@ def memory_chunk_step(
     state: MemoryState,
     keys: Tensor,  # [N, C, dh] unit-norm
     values: Tensor,  # [N, C, dh]
-    eta: Tensor,  # [N, C]
+    eta: Tensor,  # [N, C] generated step size, before each matrix's input normalisation
+    erase: Optional[Tensor],  # [N, C] erase strength along k for W2; None: plain GD
     decay: ChunkDecay,  # retention alpha (and momentum) of this chunk
     cfg: SelfModifyingTitansConfig,
     bias_decay: Optional[ChunkDecay] = None,  # alpha = 1: for the scalar memories' bias
     queries: Optional[Tensor] = None,  # [N, C, dh]: read M_{t-1}(q_t) with the running state
 ) -> tuple[MemoryState, Optional[Tensor]]:
     """All writes of one chunk (Eq. 88 with chunk-start gradients) and, optionally, the reads."""
-    e, g, h = inner_gradients(state, keys, values, cfg.inner_objective, cfg.activation)
-    erase = eta if cfg.update_rule == "dgd" else None
-    # W2: the DGD factor (alpha I - eta k k^T) acts here, since W2's input is k
-    w2, s2, z_q = fast_matrix_chunk(state.w2, state.s2, keys, g, eta, decay, erase, queries)
+    e, g, h = inner_gradients(state, keys, values, cfg.inner_objective, cfg.activation, cfg.inner_grad_clip)
+    # W2: the erase factor (alpha I - erase k k^T) acts here, since W2's input is k
+    w2, s2, z_q = fast_matrix_chunk(state.w2, state.s2, keys, g, normalised_step(eta, keys), decay, erase, queries)
     h_q = activation_and_derivative(z_q, cfg.activation)[0] if queries is not None else None
-    # W1: plain retention alpha plus its gradient (its rank-1 inputs are the chunk-start hidden h)
-    w1, s1, read = fast_matrix_chunk(state.w1, state.s1, h, e, eta, decay, None, h_q)
+    # W1: plain retention alpha plus its gradient; its input is the chunk-start hidden h, whose
+    # norm is not fixed, so its step is normalised by ||h||^2 (Eq. 57)
+    w1, s1, read = fast_matrix_chunk(state.w1, state.s1, h, e, normalised_step(eta, h), decay, None, h_q)
     b, sb = None, None
-    if state.b is not None:  # bias: its gradient only, no retention
-        b, sb, _ = fast_matrix_chunk(state.b, state.sb, torch.ones_like(e), e, eta, bias_decay)
+    if state.b is not None:  # bias: its gradient only, no retention; its input is the constant 1
+        b, sb, _ = fast_matrix_chunk(state.b, state.sb, torch.ones_like(e), e, eta / (1 + eta), bias_decay)
     out = queries + read if queries is not None else None  # the main memory is residual
     return MemoryState(w1, w2, b, s1, s2, sb), out
+
+
+def erase_strength(cfg: SelfModifyingTitansConfig, eta: Tensor, alpha: Tensor, raw: Optional[Tensor]) -> Optional[Tensor]:
+    """Erase strength along k for W2 (None under plain GD), from the generated eta, alpha and (signed)
+    the erase memory's raw read [..., 1]. With the l2 objective the gradient step erases too: for a
+    linear memory one token's transition along k is alpha - erase - eta(k), eta(k) = eta/(1+eta).
+    So the signed range is erase in (0, 1 + alpha - eta(k)), which keeps that total in (-1, alpha):
+    without the correction the backward pass through the chunks grew by ~1e4 per 8 chunks at the
+    largest gates."""
+    if cfg.update_rule != "dgd":
+        return None
+    step_k = eta / (1 + eta)  # W2's step, ||k|| = 1
+    if cfg.eigenvalues == "positive":  # DGD's own coupling: alpha (I - eta(k) k k^T)
+        return alpha * step_k
+    room = 1 + alpha - (step_k if cfg.inner_objective == "l2" else 0)
+    return room * torch.sigmoid(raw[..., 0])
+
+
+def transition_eigenvalue(cfg: SelfModifyingTitansConfig, eta: Tensor, alpha: Tensor, erase: Optional[Tensor]) -> Tensor:
+    """Eigenvalue along k of one token's transition of W2, counting the l2 gradient's own erasure
+    (exact for a linear memory; for the MLP memory its linearisation at h = k)."""
+    eig = alpha if erase is None else alpha - erase
+    return eig - eta / (1 + eta) if cfg.inner_objective == "l2" else eig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,8 +428,14 @@ class Generated(NamedTuple):
     q: Tensor
     k: Tensor
     v: Tensor
-    eta: Tensor
-    log_alpha: Tensor
+    eta: Tensor  # [N, T] generated step size (each matrix normalises it by its own input)
+    erase: Optional[Tensor]  # [N, T] erase strength along k (None under plain GD)
+    log_alpha: Tensor  # [N, T] retention
+    log_beta: Optional[Tensor]  # [N, T] momentum gate (None without momentum)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
 
 
 class SelfModifyingTitans(nn.Module):
@@ -344,19 +451,25 @@ class SelfModifyingTitans(nn.Module):
         self.conv_q = nn.Parameter(torch.randn(inner, 1, cfg.conv_size) / math.sqrt(cfg.conv_size))
         self.conv_k = nn.Parameter(torch.randn(inner, 1, cfg.conv_size) / math.sqrt(cfg.conv_size))
         self.conv_v = nn.Parameter(torch.randn(inner, 1, cfg.conv_size) / math.sqrt(cfg.conv_size))
-        # in-context memories (initial states)
+        # in-context memories (initial states); the scalar ones' biases set the initial gates
         mem = {"memory": InContextMemory(H, dh, m, residual=True)}
         for name, on in [("k", cfg.adaptive_k), ("v", cfg.adaptive_v), ("q", cfg.adaptive_q)]:
             if on:
                 mem[name] = InContextMemory(H, dh, m, residual=True)
-        logit = lambda p: math.log(p / (1 - p))  # noqa: E731 (sigmoid^-1: the biases set the initial gates)
-        mem["eta"] = InContextMemory(H, dh, m, residual=False, bias_init=logit(cfg.eta_init / cfg.eta_max))
-        mem["alpha"] = InContextMemory(H, dh, m, residual=False, bias_init=logit(cfg.alpha_init))
+        mem["eta"] = InContextMemory(H, dh, m, residual=False, bias_init=_logit(cfg.eta_init / cfg.eta_max))
+        mem["alpha"] = InContextMemory(H, dh, m, residual=False, bias_init=_logit(cfg.alpha_init))
+        if cfg.separate_erase:
+            mem["erase"] = InContextMemory(H, dh, m, residual=False,
+                                           bias_init=_logit(cfg.erase_init / cfg.erase_room_at_init))
         self.memories = nn.ModuleDict(mem)
+        if cfg.momentum:  # Titans' momentum gate: a static projection of the key path, per head
+            self.momentum_gate = nn.Parameter(torch.zeros(H, dh))
+            self.momentum_bias = nn.Parameter(torch.full((H,), _logit(cfg.momentum_init)))
         # output: per-head RMSNorm, SiLU gate, projection
         self.out_norm = nn.Parameter(torch.ones(dh))
         self.proj_gate = nn.Linear(d, inner, bias=False)
         self.proj_out = nn.Linear(inner, d, bias=False)
+        self.reset_mechanism_stats()
 
     # --- pieces shared with reference_forward ----------------------------------------------------
 
@@ -371,24 +484,39 @@ class SelfModifyingTitans(nn.Module):
 
         return path(self.proj_q, self.conv_q), path(self.proj_k, self.conv_k), path(self.proj_v, self.conv_v)
 
+    def momentum_log_gate(self, u_k: Tensor) -> Optional[Tensor]:
+        """log beta_t [N, T] from the key path (None without momentum)."""
+        if not self.cfg.momentum:
+            return None
+        H = self.cfg.n_heads
+        B = u_k.shape[0] // H
+        w = self.momentum_gate.repeat(B, 1)[:, None, :]  # [N, 1, dh], row n belongs to head n % H
+        b = self.momentum_bias.repeat(B)[:, None]
+        return F.logsigmoid((u_k * w).sum(-1) + b)
+
     def other_memory_groups(self) -> list[list[str]]:
         """Memories updated at chunk_size_other, in groups of equal shape that run as one batch:
-        the residual k/v/q memories and the scalar eta/alpha ones (alpha idle without retention)."""
+        the residual k/v/q memories and the scalar eta/alpha/erase ones (alpha idle without retention)."""
         residual = [n for n in ("k", "v", "q") if n in self.memories]
-        scalar = ["eta", "alpha"] if self.cfg.retention else ["eta"]
+        scalar = ["eta"] + (["alpha"] if self.cfg.retention else []) + (["erase"] if "erase" in self.memories else [])
         return [g for g in (residual, scalar) if g]
 
+    def gates(self, raw: dict[str, Tensor]) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        """eta, erase and log alpha [N, C] from the scalar memories' raw reads."""
+        cfg = self.cfg
+        eta = cfg.eta_max * torch.sigmoid(raw["eta"][..., 0])
+        # without retention alpha is exactly 1
+        log_alpha = F.logsigmoid(raw["alpha"][..., 0]) if cfg.retention else torch.zeros_like(eta)
+        return eta, erase_strength(cfg, eta, log_alpha.exp(), raw.get("erase")), log_alpha
+
     def generated(self, raw: dict[str, Tensor], u_q, u_k, u_v):
-        """q, k, v, eta, log alpha from the memories' raw reads (or the static inputs when a
+        """q, k, v, eta, erase, log alpha from the memories' raw reads (or the static inputs when a
         projection is not adaptive)."""
         cfg, eps = self.cfg, self.cfg.norm_eps
         k = F.normalize(raw["k"] if cfg.adaptive_k else u_k, dim=-1, eps=eps)
         v = raw["v"] if cfg.adaptive_v else u_v
         q = F.normalize(raw["q"] if cfg.adaptive_q else u_q, dim=-1, eps=eps)
-        eta = cfg.eta_max * torch.sigmoid(raw["eta"][..., 0])
-        # without retention alpha is exactly 1
-        log_alpha = F.logsigmoid(raw["alpha"][..., 0]) if cfg.retention else torch.zeros_like(eta)
-        return q, k, v, eta, log_alpha
+        return (q, k, v, *self.gates(raw))
 
     def output(self, o: Tensor, x: Tensor) -> Tensor:
         """o [N, T, dh] -> per-head RMSNorm, SiLU(x W_g) gate, output projection -> [B, T, d]."""
@@ -401,15 +529,16 @@ class SelfModifyingTitans(nn.Module):
     # --- chunk-parallel forward ---------------------------------------------------------------------
 
     def generate(self, x: Tensor) -> Generated:
-        """Phase 1: run the k/v/q/eta/alpha memories over chunks of chunk_size_other. Memories of
-        equal shape are stacked along the batch dimension (they share k, v, eta, alpha)."""
+        """Phase 1: run the k/v/q/eta/alpha/erase memories over chunks of chunk_size_other. Memories
+        of equal shape are stacked along the batch dimension (they share k, v and the gates)."""
         cfg = self.cfg
         B, T, _ = x.shape
         C = cfg.chunk_size_other
         u_q, u_k, u_v = self.memory_inputs(x)
-        inputs = {"k": u_k, "v": u_v, "q": u_q, "eta": u_k, "alpha": u_k}  # eta, alpha: the key path
+        log_beta = self.momentum_log_gate(u_k)
+        inputs = {"k": u_k, "v": u_v, "q": u_q, "eta": u_k, "alpha": u_k, "erase": u_k}  # gates: key path
         groups = self.other_memory_groups()
-        initial = lambda n: self.memories[n].initial_state(B, cfg.momentum > 0)  # noqa: E731
+        initial = lambda n: self.memories[n].initial_state(B, cfg.momentum)  # noqa: E731
         states = [stack_states([initial(n) for n in g]) for g in groups]
         pieces = []
         for start in range(0, T, C):  # the last chunk may be shorter: nothing after it to reach
@@ -418,36 +547,105 @@ class SelfModifyingTitans(nn.Module):
             for g, state in zip(groups, states):
                 out, _, _ = memory_forward(state, torch.cat([inputs[n][:, sl] for n in g]), cfg.activation)
                 raw.update(zip(g, out.chunk(len(g))))
-            q, k, v, eta, log_alpha = self.generated(raw, u_q[:, sl], u_k[:, sl], u_v[:, sl])
-            pieces.append((q, k, v, eta, log_alpha))
+            q, k, v, eta, erase, log_alpha = self.generated(raw, u_q[:, sl], u_k[:, sl], u_v[:, sl])
+            lb = None if log_beta is None else log_beta[:, sl]
+            pieces.append((q, k, v, eta, erase, log_alpha, lb))
             if start + C >= T:
                 break  # the last chunk's writes would never be read
             for i, g in enumerate(groups):  # writes: every memory regresses M(k) onto its own M(v)
                 n, state = len(g), states[i]
-                decay = chunk_decay(log_alpha.repeat(n, 1), cfg.momentum)
-                no_retention = None  # for the biases of eta/alpha
+                rep = lambda t: None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731
+                decay = chunk_decay(rep(log_alpha), rep(lb))
+                no_retention = None  # for the biases of the scalar memories
                 if state.b is not None:
-                    no_retention = chunk_decay(torch.zeros_like(log_alpha).repeat(n, 1), cfg.momentum)
+                    no_retention = chunk_decay(torch.zeros_like(rep(log_alpha)), rep(lb))
                 states[i], _ = memory_chunk_step(
-                    state, k.repeat(n, 1, 1), v.repeat(n, 1, 1), eta.repeat(n, 1), decay, cfg, no_retention
+                    state, rep(k), rep(v), rep(eta), rep(erase), decay, cfg, no_retention
                 )
-        return Generated(*(torch.cat(p, dim=1) for p in zip(*pieces)))
+        gen = Generated(*(None if p[0] is None else torch.cat(p, dim=1) for p in zip(*pieces)))
+        if self.training:
+            self._record_mechanism_stats(gen, B, T)
+        return gen
 
     def main_memory(self, gen: Generated, batch: int) -> Tensor:
         """Phase 2: the main memory over chunks of chunk_size_memory; returns o_t = M_{t-1}(q_t)."""
         cfg = self.cfg
         C, T = cfg.chunk_size_memory, gen.k.shape[1]
-        state = self.memories["memory"].initial_state(batch, cfg.momentum > 0)
+        state = self.memories["memory"].initial_state(batch, cfg.momentum)
         outs = []
         for start in range(0, T, C):
-            q, k, v, eta, log_alpha = (t[:, start : start + C] for t in gen)
-            decay = chunk_decay(log_alpha, cfg.momentum)
-            state, o = memory_chunk_step(state, k, v, eta, decay, cfg, queries=q)
+            q, k, v, eta, erase, log_alpha, log_beta = (None if t is None else t[:, start : start + C] for t in gen)
+            decay = chunk_decay(log_alpha, log_beta)
+            state, o = memory_chunk_step(state, k, v, eta, erase, decay, cfg, queries=q)
             outs.append(o)
         return torch.cat(outs, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.output(self.main_memory(self.generate(x), x.shape[0]), x)
+
+    # --- mechanism telemetry (training forwards only; device-side sums, read at log points) ------
+
+    def writes_per_sequence(self, T: int) -> dict[str, int]:
+        """How often each memory's writes are read later in a sequence of T tokens: chunk steps for
+        the k/v/q/eta/alpha/erase memories (the last chunk's writes are never read); token writes for
+        the main memory, whose reads use the running state (its gradient point moves every
+        chunk_size_memory tokens: `memory_refresh`)."""
+        cfg = self.cfg
+        other = max(math.ceil(T / cfg.chunk_size_other) - 1, 0)
+        out = {n: other for g in self.other_memory_groups() for n in g}
+        out["memory"] = max(T - 1, 0)
+        out["memory_refresh"] = max(math.ceil(T / cfg.chunk_size_memory) - 1, 0)
+        return out
+
+    def reset_mechanism_stats(self) -> None:
+        self._stats: dict[str, Tensor] = {}
+        self._stat_sequences = 0
+        self._stat_writes: dict[str, int] = {}
+
+    @torch.no_grad()
+    def _record_mechanism_stats(self, gen: Generated, batch: int, T: int) -> None:
+        alpha = gen.log_alpha.exp()
+        eigen = transition_eigenvalue(self.cfg, gen.eta, alpha, gen.erase)
+        values = {"eta": gen.eta, "alpha": alpha, "eigenvalue": eigen}
+        if gen.erase is not None:
+            values["erase"] = gen.erase
+        if gen.log_beta is not None:
+            values["momentum"] = gen.log_beta.exp()
+        new = {"tokens": torch.tensor(float(gen.eta.numel()), device=gen.eta.device),
+               "negative_eigenvalues": (eigen < 0).sum().to(gen.eta.dtype)}
+        for name, t in values.items():
+            new[f"{name}_sum"] = t.sum()
+            new[f"{name}_min"] = t.min()
+            new[f"{name}_max"] = t.max()
+        for key, value in new.items():
+            old = self._stats.get(key)
+            if old is None:
+                self._stats[key] = value.detach().float()
+            elif key.endswith("_min"):
+                self._stats[key] = torch.minimum(old, value.float())
+            elif key.endswith("_max"):
+                self._stats[key] = torch.maximum(old, value.float())
+            else:
+                self._stats[key] = old + value.float()
+        self._stat_sequences += batch
+        for name, n in self.writes_per_sequence(T).items():
+            self._stat_writes[name] = self._stat_writes.get(name, 0) + n * batch
+
+    def mechanism_stats(self) -> dict[str, float]:
+        """Summary since the last reset (host sync here, at log points only): writes per sequence for
+        each memory, mean/min/max of eta, alpha, erase, the W2 eigenvalue along k (and momentum), and
+        the fraction of (token, head) pairs whose eigenvalue is negative."""
+        if not self._stats:
+            return {}
+        s = {k: float(v) for k, v in self._stats.items()}
+        n, tokens = self._stat_sequences, s["tokens"]
+        out = {f"writes_per_sequence/{k}": v / n for k, v in self._stat_writes.items()}
+        for name in ("eta", "alpha", "erase", "momentum", "eigenvalue"):
+            if f"{name}_sum" in s:
+                out[f"{name}_mean"] = s[f"{name}_sum"] / tokens
+                out[f"{name}_min"], out[f"{name}_max"] = s[f"{name}_min"], s[f"{name}_max"]
+        out["negative_eigenvalue_fraction"] = s["negative_eigenvalues"] / tokens
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,26 +662,32 @@ def _reference_apply(mem: dict, x: Tensor, activation: str) -> Tensor:
     return out + mem["b"][:, 0] if mem["b"] is not None else out + x
 
 
-def _reference_write(running: dict, start: dict, k, v, eta, alpha, cfg: SelfModifyingTitansConfig) -> dict:
+def _reference_write(running: dict, start: dict, k, v, eta, erase, alpha, beta,
+                     cfg: SelfModifyingTitansConfig) -> dict:
     """One token's write (Eq. 88), the gradient taken at the chunk-start state `start`:
-    W2 <- W2 (alpha I - eta k k^T) + S2,  W1 <- alpha W1 + S1,  b <- b + Sb,  S <- beta S - eta grad."""
+    W2 <- W2 (alpha I - erase k k^T) + S2,  W1 <- alpha W1 + S1,  b <- b + Sb,
+    S <- beta S - eta/(1 + eta |x|^2) grad, with x each matrix's own input (k, h, 1)."""
     names = ["w1", "w2"] + (["b"] if start["b"] is not None else [])
     # the inner gradient of one token (its formula is checked against autograd in the tests)
     state = MemoryState(start["w1"], start["w2"], start["b"], None, None, None)
-    e, g, h = inner_gradients(state, k[:, None], v[:, None], cfg.inner_objective, cfg.activation)
+    e, g, h = inner_gradients(state, k[:, None], v[:, None], cfg.inner_objective, cfg.activation, cfg.inner_grad_clip)
     e, g, h = e[:, 0], g[:, 0], h[:, 0]
     outer = lambda a, b: torch.einsum("no,ni->noi", a, b)  # noqa: E731
     grads = {"w1": outer(e, h), "w2": outer(g, k), "b": e[..., None]}
+    step = {"w1": eta / (1 + eta * (h * h).sum(-1)), "w2": eta / (1 + eta * (k * k).sum(-1)), "b": eta / (1 + eta)}
 
     eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
     factor = alpha[:, None, None] * eye  # the factor acting on W2, whose input is k
-    if cfg.update_rule == "dgd":
-        factor = factor - eta[:, None, None] * torch.einsum("ni,nj->nij", k, k)
+    if erase is not None:
+        factor = factor - erase[:, None, None] * torch.einsum("ni,nj->nij", k, k)
     retain = {"w1": alpha[:, None, None], "b": 1.0}  # W1: plain retention; b: none
 
     new = {}
     for n in names:
-        s = new[_MOMENTUM_OF[n]] = cfg.momentum * running[_MOMENTUM_OF[n]] - eta[:, None, None] * grads[n]
+        s = -step[n][:, None, None] * grads[n]
+        if beta is not None:
+            s = s + beta[:, None, None] * running[_MOMENTUM_OF[n]]
+        new[_MOMENTUM_OF[n]] = s
         kept = running[n] @ factor if n == "w2" else retain[n] * running[n]
         new[n] = kept + s
     new.setdefault("b", None)
@@ -494,12 +698,13 @@ def _reference_write(running: dict, start: dict, k, v, eta, alpha, cfg: SelfModi
 def reference_forward(layer: SelfModifyingTitans, x: Tensor) -> Tensor:
     """Token-by-token self-modifying Titans, as plainly as possible (tests only).
 
-    At each token: (1) at chunk boundaries, snapshot the states; (2) generate q, k, v, eta, alpha
-    from the chunk-start states; (3) read o_t = M_memory(q_t) from the running state; (4) write
+    At each token: (1) at chunk boundaries, snapshot the states; (2) generate q, k, v, eta, alpha,
+    erase from the chunk-start states; (3) read o_t = M_memory(q_t) from the running state; (4) write
     every memory with its gradient at its chunk-start state."""
     cfg = layer.cfg
     B, T, _ = x.shape
     u_q, u_k, u_v = layer.memory_inputs(x)
+    log_beta = layer.momentum_log_gate(u_k)
 
     def fresh(mem: InContextMemory) -> dict:
         state = mem.initial_state(B, momentum=False)  # [B*H, ...] copies of the initial state
@@ -526,8 +731,11 @@ def reference_forward(layer: SelfModifyingTitans, x: Tensor) -> Tensor:
         alpha = torch.ones_like(eta)
         if cfg.retention:
             alpha = torch.sigmoid(apply(start["alpha"], u_k[:, t])[:, 0])
+        erase_raw = apply(start["erase"], u_k[:, t]) if "erase" in start else None
+        erase = erase_strength(cfg, eta, alpha, erase_raw)
+        beta = None if log_beta is None else log_beta[:, t].exp()
 
         outputs.append(apply(running["memory"], q))  # read before this token's write
         for n in sum(layer.other_memory_groups(), []) + ["memory"]:
-            running[n] = _reference_write(running[n], start[n], k, v, eta, alpha, cfg)
+            running[n] = _reference_write(running[n], start[n], k, v, eta, erase, alpha, beta, cfg)
     return layer.output(torch.stack(outputs, dim=1), x)
