@@ -24,3 +24,10 @@ def test_formal_cells_show_bin0_and_bin1():
            "metrics": {"acc_final": 0.255, "eval_bin1": 0.0}}
     hope = [line for line in paper_tables.formal([run]).splitlines() if line.startswith("| hope (nlcl)")][0]
     assert hope.split("|")[2].strip() == "25.5 / 0.0" and hope.count(" - ") == 5
+
+
+def test_formal_cells_average_over_seeds():
+    runs = [{"model": "hope", "settings": {"task.languages": '["parity"]'},
+             "metrics": {"acc_final": a, "eval_bin1": b}} for a, b in [(1.0, 0.5), (0.9, 0.3), (0.8, 0.1)]]
+    hope = [line for line in paper_tables.formal(runs).splitlines() if line.startswith("| hope (nlcl)")][0]
+    assert hope.split("|")[2].strip() == "90.0 [80-100] / 30.0 [10-50] (n=3)"

@@ -38,13 +38,25 @@ def _setting(run: dict, key: str):
     return json.loads(value) if isinstance(value, str) and value.startswith("[") else value
 
 
+def _mean_cell(values: list[float]) -> str:
+    """Mean in %, with the seeds' range when there is more than one."""
+    mean = 100 * statistics.mean(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} [{100 * min(values):.0f}-{100 * max(values):.0f}]"
+
+
 def formal(runs: list[dict]) -> str:
-    cells = {}
+    """Bin0 / Bin1 cells; with several seeds, the mean and [min-max] over seeds, and n."""
+    scores: dict[tuple, list[tuple]] = {}
     for r in runs:
         (lang,) = _setting(r, "task.languages")
         m = r["metrics"]
-        bin1 = m.get("eval_bin1")
-        cells[r["model"], lang] = f"{100 * m['acc_final']:.1f} / " + ("?" if bin1 is None else f"{100 * bin1:.1f}")
+        scores.setdefault((r["model"], lang), []).append((m["acc_final"], m.get("eval_bin1")))
+    cells = {}
+    for key, pairs in scores.items():
+        bin0 = [a for a, _ in pairs]
+        bin1 = [b for _, b in pairs if b is not None]
+        cell = f"{_mean_cell(bin0)} / " + (_mean_cell(bin1) if len(bin1) == len(pairs) else "?")
+        cells[key] = cell + (f" (n={len(pairs)})" if len(pairs) > 1 else "")
     lines = ["| model | " + " | ".join(LANGUAGES) + " |", "|---" * (len(LANGUAGES) + 1) + "|"]
     for model in MODELS:
         if any((model, lang) in cells for lang in LANGUAGES):
