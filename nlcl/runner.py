@@ -95,8 +95,9 @@ def build_parts(cfg: DictConfig) -> RunParts:
     learner = Learner(model, stream.num_classes, make_optimizer, strategies,
                       log_every=int(cfg.trainer.log_every), objective=stream.objective,
                       mask_unseen=bool(cfg.trainer.get("mask_unseen", True)))
-    if stream.input_kind == "tokens":  # self-modification that cannot act is said before training
-        longest = max(longest_sequence(e.train.x, stream.pad_id) for e in stream.experiences)
+    in_memory = [e.train.x for e in stream.experiences if isinstance(getattr(e.train, "x", None), torch.Tensor)]
+    if stream.input_kind == "tokens" and in_memory:  # self-modification that cannot act is said before training
+        longest = max(longest_sequence(x, stream.pad_id) for x in in_memory)
         for message in chunking_warnings(model, longest):
             print(f"[nlcl] WARNING {message}", file=sys.stderr)
     return RunParts(stream, learner, strategies)
