@@ -2,6 +2,8 @@
 
 - Class-incremental training masks the logits to the classes seen so far (`seen_mask`).
 - Strategies add their terms through `Strategy.extra_loss`.
+- A model with token-unit (in-context) CMS levels gets the batch's targets with its inputs, so its
+  fast levels learn from the task loss (e.g. answer tokens only), not from next-input prediction.
 - The multi-frequency optimizer keeps each slow level's pending period in its own state, so `.grad`
   is zeroed every step as usual and Lightning's gradient clipping clips each step's fresh gradient.
 - Lightning restarts `global_step` with every Trainer; `total_steps` is ours and never restarts,
@@ -49,7 +51,11 @@ class Learner(L.LightningModule):
         self.seen_mask[list(seen_classes)] = True
 
     # ---- forward and loss ----
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Models with in-context levels (`learns_from_targets`) learn from the task's targets `y`
+        when given (next tokens, answer masks); every other model sees the inputs only."""
+        if y is not None and getattr(self.model, "learns_from_targets", False):
+            return self.model(x, y)
         return self.model(x)
 
     def masked(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,7 +71,7 @@ class Learner(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch[0], batch[1]
-        logits = self(x)
+        logits = self(x, y)
         loss = self.task_loss(logits, y)
         self.batch_scale = self._batch_scale(batch_idx)
         if self.batch_scale != 1.0:  # several ranks: see _batch_scale

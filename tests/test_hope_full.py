@@ -32,3 +32,24 @@ def test_hope_full_is_self_modifying_titans_then_token_and_step_levels(tmp_path)
     assert float(writes["backbone.blocks.0.cms.levels.0"]["write_norm"]) > 0  # it learned in context
     logits.float().logsumexp(-1).mean().backward()
     assert block.cms.levels[0].mlp.up.weight.grad.abs().sum() > 0
+
+
+def test_the_learner_hands_task_targets_to_in_context_levels():
+    from nlcl.learner import Learner
+    from nlcl.models.incontext import next_token_targets
+    from nlcl.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model("hope_attention", input_kind="tokens", vocab_size=30, task="lm", d_model=32, n_layers=1,
+                        n_heads=2, cms={"periods": [4, 1], "units": ["token", "step"], "inner_lr": [0.5, 0.0]})
+    assert model.learns_from_targets
+    learner = Learner(model, 30, lambda m: build_optimizer(m, "sgd", 0.1), objective="lm")
+    x = torch.randint(1, 30, (2, 16))
+    y = torch.full_like(x, -100)
+    y[:, 5::4] = next_token_targets(x)[:, 5::4]  # an answer mask: a few positions carry the loss
+    with torch.no_grad():
+        loss = learner.training_step((x, y), 0)
+        from_task = learner.task_loss(model(x, y), y)
+        from_context = learner.task_loss(model(x), y)
+    torch.testing.assert_close(loss, from_task)
+    assert abs(float(from_task - from_context)) > 1e-4  # next-input prediction would teach otherwise

@@ -31,6 +31,7 @@ from nlcl.levels import UNITS, LevelSpec, tag
 from nlcl.models.transformer import RMSNorm
 
 VARIANTS = ("sequential", "independent", "nested")
+TEACH_SIGNALS = ("exact", "frozen_mixers")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class CMSConfig:
     # per token of error, independent of the batch size.
     inner_lr: float | list[float] = 0.01
     differentiable_writes: bool = True  # False: stop-grad writes (meta-init learns through reads only)
+    # token levels' teach signals (nlcl.models.incontext): "exact" (each chunk's own loss through the
+    # whole model, one backward per chunk) | "frozen_mixers" (one backward; exact for the last block only)
+    teach_signals: str = "exact"
 
     def __post_init__(self):
         self.periods = [int(p) for p in self.periods]
@@ -69,6 +73,8 @@ class CMSConfig:
             raise ValueError("model.cms.inner_lr: needs one value, or one per level in model.cms.periods")
         if self.variant == "nested" and "token" in self.units:
             raise ValueError("model.cms: the nested variant is defined for step-unit levels only")
+        if self.teach_signals not in TEACH_SIGNALS:
+            raise ValueError(f"model.cms.teach_signals: '{self.teach_signals}' is not one of {TEACH_SIGNALS}")
         if self.hidden is None:
             self.hidden = max(32, 32 * round(4 * self.d_model / len(self.periods) / 32))
 
@@ -184,6 +190,7 @@ class CMSLevel(nn.Module):
         self.last_write_norm: torch.Tensor | None = None  # telemetry of the latest in-context forward
         self.record = False
         self.recorded: torch.Tensor | None = None
+        self.exact_teach = True  # read by nlcl.models.incontext.teach_signals
         tag(self, spec)
 
     @property
@@ -237,6 +244,8 @@ class ContinuumMemory(nn.Module):
                       for i, (p, u, s) in enumerate(zip(cfg.periods, cfg.units, scales))]
         self.levels = nn.ModuleList(CMSLevel(cfg.d_model, cfg.hidden, spec, lr, cfg.differentiable_writes)
                                     for spec, lr in zip(self.specs, cfg.inner_lr))
+        for level in self.levels:
+            level.exact_teach = cfg.teach_signals == "exact"
         if cfg.variant == "independent":
             self.mix = nn.Parameter(torch.full((len(self.levels),), 1.0 / len(self.levels)))
         if cfg.variant == "nested":

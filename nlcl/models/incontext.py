@@ -12,14 +12,22 @@ chunk, all at the chunk-start weights (paper Eq. 71). The error terms are teach 
   writes stay differentiable, so the outer optimizer trains the initial state through them.
 
 Choices, stated once:
-- **Causal teach signals.** In pass 1 the sequence mixers (attention, Titans, every module
-  registered as a block's `mixer`) run as constants, so delta_t = dl_t / d o_t along token t's own
-  residual stream. The literal dL/d o_t of a full backward would also carry the losses of later
-  tokens back through attention (digest §10 pitfall 2), so a chunk's write would leak future targets
-  into the next chunk's outputs. With the mixers frozen, outputs at position s depend on inputs
-  <= s and targets < s only. delta is then the exact chain-rule gradient for the levels of the last
-  block (and for any model with one mixer block); deeper levels lose the paths through the
-  mixers of later blocks. `through_mixers=True` gives the literal, non-causal version (ablation).
+- **Exact, causal teach signals (default).** For a per-token objective (targets [B, T]) pass 1
+  runs the whole model differentiably and, for every chunk c of a level's period, takes
+  delta_t = d L_c / d o_t for the tokens t of chunk c, where L_c is the summed loss of chunk c's own
+  tokens: one backward per chunk (and per distinct period), none per token. That is the chain-rule
+  gradient of the chunk's losses with respect to the weights that chunk reads (Eq. 71), through the
+  mixers of every later block, for the levels of every block. It is causal: chunk c's write uses
+  the targets of chunk c only, and only later chunks read it. (The literal single backward of the
+  whole sequence's loss would also carry later chunks' losses into chunk c's delta -- future
+  targets leaking into the next chunk's outputs, digest §10 pitfall 2; `through_mixers=True` keeps
+  that version as an ablation.) `model.cms.teach_signals: frozen_mixers` gives the older, cheaper
+  signals (one backward instead of one per chunk; about 4x cheaper in pass 1 at 128 tokens and
+  chunks of 16): mixers run as
+  constants in pass 1, so delta_t = d l_t / d o_t along token t's own residual stream only, which is
+  exact for the last block's levels and misses the paths through later mixers below it.
+  Classifier targets ([B], one loss at the last token) use the constant-mixer signals: their writes
+  are read only by padding either way.
 - **Per-token sums.** The teach loss is a sum over tokens, not a batch mean, so a sequence's
   fast weights do not depend on what else is in the batch; `inner_lr` is a step per token of error.
 - **Language models** learn in context from the context itself: `InContextLM(ids)` takes the
@@ -28,7 +36,8 @@ Choices, stated once:
   chunk c+1, and only tokens from chunk c+1 on read it: causal. The boundary token (the last
   input) has no target inside the context; it lies in the last chunk, whose write is never read,
   so it costs nothing. For a stream whose targets are the shifted inputs (LM domain streams) this
-  is exactly the task loss; `targets=` teaches from explicit task targets instead (e.g. answers only).
+  is exactly the task loss; `targets=` teaches from explicit task targets instead (e.g. answers
+  only): the Learner passes each training batch's targets (`learns_from_targets`).
 - **Classifiers** have one loss, at the last real token: delta is non-zero only there, and the
   write of its chunk is read only by padding. Token levels then change nothing (the output equals
   the plain forward at the initial state); they are meant for LM and long-context streams.
@@ -71,7 +80,8 @@ def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
 def summed_task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over tokens (LM: logits [B, T, V], targets [B, T], -100 = none) or over
     examples (classifier: logits [B, K], targets [B])."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least, float64 stays
+    return F.cross_entropy(wide.flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 @contextmanager
@@ -109,19 +119,27 @@ def _constant_mixers(mixers: list[nn.Module]):
 
 def teach_signals(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor,
                   loss_fn: Callable = summed_task_loss, through_mixers: bool = False,
-                  levels: list[CMSLevel] | None = None) -> list[torch.Tensor | None]:
+                  levels: list[CMSLevel] | None = None, exact: bool | None = None) -> list[torch.Tensor | None]:
     """Pass 1: delta = d loss / d(output) of every token level at its initial state, detached
-    (None for a level the loss does not reach)."""
+    (None for a level the loss does not reach). `exact` (with per-token targets [B, T]): per chunk,
+    the gradient of that chunk's own summed losses through the whole model (module doc); None: as
+    the levels' `model.cms.teach_signals` say."""
     levels = token_levels(model) if levels is None else levels
-    mixers = [] if through_mixers else sequence_mixers(model)
+    if exact is None:
+        exact = all(level.exact_teach for level in levels)
+    chunked = exact and not through_mixers and targets.dim() == 2
+    mixers = [] if (through_mixers or chunked) else sequence_mixers(model)
     try:
         with torch.inference_mode(False), torch.enable_grad(), _constant_mixers(mixers), _plain_calls(model):
             if ids.is_inference():  # e.g. under Lightning's inference_mode: autograd cannot save these
                 ids, targets = ids.clone(), targets.clone()
             for level in levels:
                 level.record, level.recorded = True, None
-            loss = loss_fn(model(ids), targets)
+            output = model(ids)
             outs = [level.recorded for level in levels]
+            if chunked:
+                return _chunk_teach_signals(output, targets, levels, outs)
+            loss = loss_fn(output, targets)
         used = [o for o in outs if o is not None]
         grads = iter(torch.autograd.grad(loss, used, allow_unused=True) if loss.requires_grad and used
                      else [None] * len(used))
@@ -129,6 +147,30 @@ def teach_signals(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor,
     finally:
         for level in levels:
             level.record, level.recorded = False, None
+
+
+def _chunk_teach_signals(logits: torch.Tensor, targets: torch.Tensor, levels: list[CMSLevel],
+                         outs: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """delta[:, chunk c] = d (summed loss of chunk c) / d out[:, chunk c], per level period."""
+    T = targets.shape[1]
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least, float64 stays
+    per_token = F.cross_entropy(wide.flatten(0, -2), targets.flatten(), ignore_index=IGNORE,
+                                reduction="none").view(targets.shape)
+    deltas = [None if o is None else torch.zeros_like(o) for o in outs]
+    if not per_token.requires_grad:
+        return deltas
+    by_period: dict[int, list[int]] = {}
+    for i, (level, o) in enumerate(zip(levels, outs)):
+        if o is not None:
+            by_period.setdefault(level.spec.period, []).append(i)
+    for C, idx in by_period.items():
+        for start in range(0, T - C, C):  # the last chunk's write is never read: no signal needed
+            grads = torch.autograd.grad(per_token[:, start:start + C].sum(), [outs[i] for i in idx],
+                                        retain_graph=True, allow_unused=True)
+            for i, g in zip(idx, grads):
+                if g is not None:
+                    deltas[i][:, start:start + C] = g[:, start:start + C]
+    return deltas
 
 
 @contextmanager
@@ -174,6 +216,11 @@ class InContextLM(CausalLM):
     def __init__(self, backbone: nn.Module, vocab_size: int, tie: bool = True):
         super().__init__(backbone, vocab_size, tie)
         self._in_pass = False
+
+    @property
+    def learns_from_targets(self) -> bool:
+        """The learner passes the task's targets to `forward` when this is true."""
+        return has_token_levels(self.backbone)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if self._in_pass or not has_token_levels(self.backbone):  # inside the passes: plain
