@@ -22,13 +22,6 @@ from nlcl.models.cms import CMSConfig, ContinuumMemory, NestedOffset
 from nlcl.optim import build_optimizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------- clipping through Lightning
 

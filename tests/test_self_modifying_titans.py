@@ -22,13 +22,6 @@ from nlcl.models.self_modifying_titans import (
 D, H, T = 16, 2, 13
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # many small ops: a second thread only adds contention on a shared 2-core machine
-    torch.set_num_threads(1)
-    yield
-
-
 def make_layer(seed=0, dtype=torch.float64, **overrides):
     torch.manual_seed(seed)
     cfg = SelfModifyingTitansConfig(**(dict(d_model=D, n_heads=H, eta_init=0.2) | overrides))
@@ -343,7 +336,7 @@ def test_chunking_warning_names_the_field():
     assert longest_sequence(x, pad_id=0) == 3
     (message,) = chunking_warnings(model, 50)
     assert "model.memory.chunk_size_other=64" in message and "50 tokens" in message
-    assert chunking_warnings(model, 65) == [] or "chunk_size_other" not in chunking_warnings(model, 65)[0]
+    assert chunking_warnings(model, 65) == []  # longer than both chunks: nothing to say
     default = torch.nn.Sequential(SelfModifyingTitans(SelfModifyingTitansConfig(d_model=16, n_heads=2)))
     assert chunking_warnings(default, 32) == []
 
