@@ -1,79 +1,127 @@
-"""`nlcl bench`: training throughput of the model families, measured side by side in one process.
+"""`nlcl bench`: training throughput of the model families, measured side by side in one run.
 
-For each family and sequence length: a causal LM (embedding, blocks, tied head) takes full
-training steps (forward, backward, AdamW) on random tokens. Reported: tokens/s, MFU against the
-device's peak (6 N FLOPs per token plus attention's 12 L d T), peak memory, and the ratio of
-tokens/s to Transformer++ at the same length. Warm-up steps are not timed; CUDA timings
-synchronise before reading the clock.
+For each family and sequence length a causal LM (embedding, blocks, tied head) takes full training
+steps (forward, backward, AdamW) on random tokens. Reported per row:
+  tokens/s        timed steps after untimed warm-up (CUDA synchronised before reading the clock);
+  FLOPs/token     matmul-class FLOPs of one forward + backward, counted by torch's FlopCounterMode
+                  from the operators that ran (`nlcl.flops`), divided by the step's tokens;
+  achieved FLOP/s FLOPs/token x tokens/s, and its fraction of the matmul peak measured at the start
+                  of the same run (same device, dtype and threads): how close to the arithmetic
+                  limit the model runs, which tokens/s alone cannot say;
+  peak memory     CUDA: max allocated; CPU: the peak resident set the step added to an idle process;
+  x T++           tokens/s over Transformer++'s at the same length.
+Every row runs in a fresh process, so one model's memory (or crash) never shows up in another row.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import multiprocessing
 import time
 from pathlib import Path
 
 import torch
 
-from nlcl.models import build_model, count_parameters
-
 FAMILIES = ["transformer", "hope", "hope_attention", "titans"]
-# dense bf16 peak FLOP/s by device-name fragment, for MFU; CPUs get none (MFU left blank)
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
+def _resident_gb(field: str) -> float | None:
+    """VmRSS / VmHWM of this process from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024 / 2**30
+    except OSError:
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return None
 
 
-def model_flops_per_token(n_params: int, n_layers: int, d_model: int, T: int, attention: bool) -> float:
-    return 6 * n_params + (12 * n_layers * d_model * T if attention else 0)
+def build_lm(family: str, vocab: int, d_model: int, n_layers: int, n_heads: int, extra: dict) -> torch.nn.Module:
+    from nlcl.models import build_model
+
+    if family == "fla_deltanet":
+        return _fla_deltanet(vocab, d_model, n_layers, n_heads)
+    kw = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, **extra.get(family, {}))
+    return build_model(family, input_kind="tokens", vocab_size=vocab, task="lm", **kw)
 
 
 def bench_one(family: str, T: int, batch: int, d_model: int, n_layers: int, n_heads: int, vocab: int,
-              steps: int, warmup: int, device: torch.device, dtype: torch.dtype | None, extra: dict) -> dict:
+              steps: int, warmup: int, device: str, dtype: str | None, extra: dict, threads: int | None = None) -> dict:
+    """One row, in the calling process. dtype: None (fp32) or 'bf16' (autocast)."""
+    from nlcl.flops import count_flops
+    from nlcl.models import count_parameters
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    amp = torch.bfloat16 if dtype == "bf16" else None
+    rss_idle = _resident_gb("VmRSS")
     torch.manual_seed(0)
-    kw = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, **extra.get(family, {}))
-    if family == "fla_deltanet":
-        model = _fla_deltanet(vocab, d_model, n_layers, n_heads).to(device)
-    else:
-        model = build_model(family, input_kind="tokens", vocab_size=vocab, task="lm", **kw).to(device)
+    model = build_lm(family, vocab, d_model, n_layers, n_heads, extra).to(device)
     n_params = count_parameters(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(1, vocab, (batch, T + 1), device=device)
 
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    def forward_backward():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(ids[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
         loss.backward()
+
+    def step():
+        forward_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync()
     elapsed = time.perf_counter() - t0
-    tokens_per_s = batch * T * steps / elapsed
-    peak = peak_flops(device)
-    flops = model_flops_per_token(n_params, n_layers, d_model, T, family in ("transformer", "hope_attention"))
-    mem = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if device.type == "cuda":
+        peak_gb, memory_kind = torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    else:
+        hwm = _resident_gb("VmHWM")
+        peak_gb = None if hwm is None or rss_idle is None else hwm - rss_idle
+        memory_kind = "cpu_peak_rss_above_idle_process"
+    # counted after timing (the dispatch mode slows the step down); the optimizer step is elementwise
+    flops = count_flops(forward_backward)
+    opt.zero_grad(set_to_none=True)
+    tokens = batch * T
+    tokens_per_s = tokens * steps / elapsed
     return {"family": family, "T": T, "batch": batch, "n_params": n_params, "tokens_per_s": tokens_per_s,
-            "step_ms": 1000 * elapsed / steps, "mfu": flops * tokens_per_s / peak if peak else None,
-            "peak_memory_gb": mem / 2**30, "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"}
+            "step_ms": 1000 * elapsed / steps, "flops_per_token": flops / tokens,
+            "achieved_flops": flops / tokens * tokens_per_s, "peak_memory_gb": peak_gb, "memory_kind": memory_kind}
+
+
+def _child(queue, kwargs):
+    try:
+        queue.put(bench_one(**kwargs))
+    except Exception as e:  # noqa: BLE001 - reported as the row's error, e.g. OOM
+        queue.put({"family": kwargs["family"], "T": kwargs["T"], "error": f"{type(e).__name__}: {str(e)[:200]}"})
+
+
+def bench_isolated(**kwargs) -> dict:
+    """bench_one in a fresh (spawned) process: its own peak memory, its own crash."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, kwargs))
+    proc.start()
+    try:
+        row = queue.get()
+    except Exception as e:  # noqa: BLE001
+        row = {"family": kwargs["family"], "T": kwargs["T"], "error": f"child process: {e}"}
+    proc.join()
+    if proc.exitcode not in (0, None) and "error" not in row:
+        row["error"] = f"child process exited with {proc.exitcode}"
+    return row
 
 
 def _fla_deltanet(vocab, d_model, n_layers, n_heads):
@@ -91,17 +139,20 @@ def _fla_deltanet(vocab, d_model, n_layers, n_heads):
     return Wrapped()
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], peak: float | None) -> str:
     base = {r["T"]: r["tokens_per_s"] for r in rows if r["family"] == "transformer" and "error" not in r}
-    lines = [f"{'family':<16}{'T':>7}{'params':>12}{'tokens/s':>12}{'x T++':>8}{'step ms':>10}{'MFU':>7}{'peak GB':>9}"]
+    lines = [f"{'family':<16}{'T':>7}{'params':>12}{'tokens/s':>11}{'x T++':>7}{'step ms':>10}"
+             f"{'MFLOP/tok':>11}{'GFLOP/s':>9}{'of peak':>9}{'peak GB':>9}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['family']:<16}{r['T']:>7}  error: {r['error']}")
             continue
         ratio = r["tokens_per_s"] / base[r["T"]] if r["T"] in base else float("nan")
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-        lines.append(f"{r['family']:<16}{r['T']:>7}{r['n_params']:>12,}{r['tokens_per_s']:>12,.0f}{ratio:>8.2f}"
-                     f"{r['step_ms']:>10.1f}{mfu:>7}{r['peak_memory_gb']:>9.2f}")
+        frac = f"{100 * r['achieved_flops'] / peak:.1f}%" if peak else "-"
+        mem = "-" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.3f}"
+        lines.append(f"{r['family']:<16}{r['T']:>7}{r['n_params']:>12,}{r['tokens_per_s']:>11,.0f}{ratio:>7.2f}"
+                     f"{r['step_ms']:>10.1f}{r['flops_per_token'] / 1e6:>11.2f}{r['achieved_flops'] / 1e9:>9.2f}"
+                     f"{frac:>9}{mem:>9}")
     return "\n".join(lines)
 
 
@@ -122,26 +173,37 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    if args.dtype not in ("auto", "bf16", "fp32"):
+        ap.error(f"--dtype must be bf16, fp32 or auto, got {args.dtype!r}")
+    try:
+        extra = json.loads(args.extra)
+    except json.JSONDecodeError as e:
+        ap.error(f"--extra is not valid JSON: {e}")
+    seq_lens = [int(t) for t in args.seq_lens.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": None}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else None)
-    rows = []
-    for T in [int(t) for t in args.seq_lens.split(",")]:
-        for family in args.families.split(","):
-            try:
-                rows.append(bench_one(family, T, max(1, args.tokens_per_step // T), args.d_model, args.layers,
-                                      args.heads, args.vocab, args.steps, args.warmup, device, dtype,
-                                      json.loads(args.extra)))
-            except Exception as e:  # noqa: BLE001 - one family failing (e.g. OOM) must not hide the others
-                rows.append({"family": family, "T": T, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            print(format_table(rows[-1:]) if len(rows) > 1 else format_table(rows), flush=True)
+    dtype = {"bf16": "bf16", "fp32": None}.get(args.dtype, "bf16" if device.type == "cuda" else None)
+    from nlcl.flops import measured_matmul_peak
+
+    peak = measured_matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-           "torch": torch.__version__, "dtype": str(dtype), "d_model": args.d_model, "layers": args.layers}
+           "torch": torch.__version__, "dtype": dtype or "fp32", "d_model": args.d_model, "layers": args.layers,
+           "heads": args.heads, "vocab": args.vocab, "matmul_peak_flops": peak}
+    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({env['device']}, {env['dtype']})", flush=True)
+    rows = []
+    for T in seq_lens:
+        for family in args.families.split(","):
+            rows.append(bench_isolated(family=family, T=T, batch=max(1, args.tokens_per_step // T), d_model=args.d_model,
+                                       n_layers=args.layers, n_heads=args.heads, vocab=args.vocab, steps=args.steps,
+                                       warmup=args.warmup, device=args.device, dtype=dtype, extra=extra,
+                                       threads=args.threads))
+            if "error" not in rows[-1]:
+                rows[-1]["fraction_of_peak"] = rows[-1]["achieved_flops"] / peak
+            table = format_table(rows, peak).splitlines()  # ratios need the Transformer++ row of this T
+            print("\n".join(table if len(rows) == 1 else table[-1:]), flush=True)
     print("\n" + json.dumps(env))
-    print(format_table(rows))
+    print(format_table(rows, peak))
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     return 0
