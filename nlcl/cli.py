@@ -34,6 +34,7 @@ commands:
                        `nlcl report` shows the mean as metric eval_<N>
   bench [ARGS]         training throughput of the model families (nlcl bench --help)
   bench loop [ARGS]    overhead of the continual-learning loop vs a plain loop and avalanche-lib
+  bench gpu [--dry-run] the GPU speed run in one call: equivalence checks + bench at ~340M, one JSON
 
 examples:
   nlcl run task=banking77 model=transformer strategy=replay seed=1
@@ -232,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             from nlcl.bench_loop import main as loop_main
 
             return loop_main(rest[1:])
+        if rest[:1] == ["gpu"]:
+            from nlcl.bench_gpu import main as gpu_main
+
+            return gpu_main(rest[1:])
         from nlcl.bench import main as bench_main
 
         return bench_main(rest)
