@@ -239,6 +239,7 @@ def fast_matrix_chunk(
     decay: ChunkDecay,  # from chunk_decay(log alpha, log beta)
     erase: Optional[Tensor] = None,  # [N, C] DGD erasure strength; None: plain GD
     queries: Optional[Tensor] = None,  # [N, C, din]: also return W_{t-1} y_t for each t
+    x_w0: Optional[Tensor] = None,  # [N, C, dout] x @ W0^T when the caller has it already
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """One chunk of   W_t = W_{t-1} (alpha_t I - erase_t x_t x_t^T) + S_t,
                       S_t = beta_t S_{t-1} - eta_t u_t x_t^T,
@@ -253,10 +254,11 @@ def fast_matrix_chunk(
     C = x.shape[1]
     u_eta = u * eta[..., None]
 
-    def read(y: Tensor, r: Optional[Tensor]) -> Tensor:
+    def read(y: Tensor, r: Optional[Tensor], yx: Optional[Tensor] = None, y_w0: Optional[Tensor] = None) -> Tensor:
         """W_{t-1} y_t for every t of the chunk: a causally masked matrix product."""
-        yx = y @ x.transpose(1, 2)  # [N, C, C]
-        out = decay.gamma_prev[..., None] * (y @ W0.transpose(1, 2)) - (decay.D_prev * yx) @ u_eta
+        yx = y @ x.transpose(1, 2) if yx is None else yx  # [N, C, C]
+        y_w0 = y @ W0.transpose(1, 2) if y_w0 is None else y_w0
+        out = decay.gamma_prev[..., None] * y_w0 - (decay.D_prev * yx) @ u_eta
         if S0 is not None:
             out = out + decay.d0_prev[..., None] * (y @ S0.transpose(1, 2))
         if r is not None:
@@ -265,8 +267,9 @@ def fast_matrix_chunk(
 
     r = None
     if erase is not None:
-        rhs = read(x, None)  # everything but the erasures themselves
-        lower = decay.G_prev * (x @ x.transpose(1, 2)) * erase[:, None, :]
+        xx = x @ x.transpose(1, 2)  # the Gram matrix: in the right-hand side and in the system
+        rhs = read(x, None, xx, x_w0)  # everything but the erasures themselves
+        lower = decay.G_prev * xx * erase[:, None, :]
         eye = torch.eye(C, dtype=x.dtype, device=x.device)
         r = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
 
@@ -354,12 +357,21 @@ def inner_gradients(state: MemoryState, keys: Tensor, values: Tensor, objective:
     """Rank-1 factors of the inner gradient at this (chunk-start) state, for every token:
     grad W1 = e h^T, grad W2 = g k^T, grad b = e, with e = dLoss/dM(k) and v_hat = M(v) held constant.
     With `max_rms`, e and then g are clipped per token (see "Bounded writes" in the module notes)."""
-    v_hat, _, _ = memory_forward(state, values, activation)
-    pred, z, h = memory_forward(state, keys, activation)
+    e, g, h, _ = _inner_gradients(state, keys, values, objective, activation, max_rms)
+    return e, g, h
+
+
+def _inner_gradients(state: MemoryState, keys: Tensor, values: Tensor, objective: str, activation: str,
+                     max_rms: Optional[float]):
+    """`inner_gradients`, plus z = keys W2^T (fast_matrix_chunk needs it too). Keys and values go
+    through the memory as one batch of 2C rows."""
+    C = keys.shape[1]
+    out, z, h = memory_forward(state, torch.cat([keys, values], dim=1), activation)
+    (pred, v_hat), (z, _), (h, _) = out.split(C, dim=1), z.split(C, dim=1), h.split(C, dim=1)
     e = clip_rows(pred - v_hat if objective == "l2" else -v_hat, max_rms)
     _, ds = activation_and_derivative(z, activation)
     g = clip_rows((e @ state.w1) * ds, max_rms)
-    return e, g, h
+    return e, g, h, z
 
 
 def memory_chunk_step(
@@ -374,9 +386,10 @@ def memory_chunk_step(
     queries: Optional[Tensor] = None,  # [N, C, dh]: read M_{t-1}(q_t) with the running state
 ) -> tuple[MemoryState, Optional[Tensor]]:
     """All writes of one chunk (Eq. 88 with chunk-start gradients) and, optionally, the reads."""
-    e, g, h = inner_gradients(state, keys, values, cfg.inner_objective, cfg.activation, cfg.inner_grad_clip)
+    e, g, h, z = _inner_gradients(state, keys, values, cfg.inner_objective, cfg.activation, cfg.inner_grad_clip)
     # W2: the erase factor (alpha I - erase k k^T) acts here, since W2's input is k
-    w2, s2, z_q = fast_matrix_chunk(state.w2, state.s2, keys, g, normalised_step(eta, keys), decay, erase, queries)
+    w2, s2, z_q = fast_matrix_chunk(state.w2, state.s2, keys, g, normalised_step(eta, keys), decay, erase, queries,
+                                    x_w0=z)
     h_q = activation_and_derivative(z_q, cfg.activation)[0] if queries is not None else None
     # W1: plain retention alpha plus its gradient; its input is the chunk-start hidden h, whose
     # norm is not fixed, so its step is normalised by ||h||^2 (Eq. 57)
@@ -529,39 +542,32 @@ class SelfModifyingTitans(nn.Module):
     # --- chunk-parallel forward ---------------------------------------------------------------------
 
     def generate(self, x: Tensor) -> Generated:
-        """Phase 1: run the k/v/q/eta/alpha/erase memories over chunks of chunk_size_other. Memories
-        of equal shape are stacked along the batch dimension (they share k, v and the gates)."""
+        """Phase 1: run the k/v/q/eta/alpha/erase memories over chunks of chunk_size_other, all of
+        them as one stacked state (`nlcl.models.stacked_memories`: one W2 matrix whose row blocks are
+        the memories, since they share k, v and the gates)."""
+        from nlcl.models.stacked_memories import (initial_stacked_state, stacked_chunk_step, stacked_layout,
+                                                  stacked_read)  # imports this module's math
+
         cfg = self.cfg
         B, T, _ = x.shape
         C = cfg.chunk_size_other
         u_q, u_k, u_v = self.memory_inputs(x)
         log_beta = self.momentum_log_gate(u_k)
-        inputs = {"k": u_k, "v": u_v, "q": u_q, "eta": u_k, "alpha": u_k, "erase": u_k}  # gates: key path
-        groups = self.other_memory_groups()
-        initial = lambda n: self.memories[n].initial_state(B, cfg.momentum)  # noqa: E731
-        states = [stack_states([initial(n) for n in g]) for g in groups]
+        layout = stacked_layout(self.other_memory_groups(), cfg.memory_hidden)
+        state = initial_stacked_state(self.memories, layout, B, cfg.momentum)
+        # split once: slicing inside the loop would make autograd scatter every chunk's gradient
+        # into a full-length zero tensor (and add those up)
+        n_chunks = -(-T // C)  # the last chunk may be shorter
+        split = lambda t: [None] * n_chunks if t is None else t.split(C, dim=1)  # noqa: E731
         pieces = []
-        for start in range(0, T, C):  # the last chunk may be shorter: nothing after it to reach
-            sl = slice(start, start + C)
-            raw = {}  # reads from the chunk-start states (Eqs. 83-85)
-            for g, state in zip(groups, states):
-                out, _, _ = memory_forward(state, torch.cat([inputs[n][:, sl] for n in g]), cfg.activation)
-                raw.update(zip(g, out.chunk(len(g))))
-            q, k, v, eta, erase, log_alpha = self.generated(raw, u_q[:, sl], u_k[:, sl], u_v[:, sl])
-            lb = None if log_beta is None else log_beta[:, sl]
+        for i, (uq, uk, uv, lb) in enumerate(zip(split(u_q), split(u_k), split(u_v), split(log_beta))):
+            raw = stacked_read(state, layout, {"q": uq, "k": uk, "v": uv}, cfg.activation)  # Eqs. 83-85
+            q, k, v, eta, erase, log_alpha = self.generated(raw, uq, uk, uv)
             pieces.append((q, k, v, eta, erase, log_alpha, lb))
-            if start + C >= T:
+            if i == n_chunks - 1:
                 break  # the last chunk's writes would never be read
-            for i, g in enumerate(groups):  # writes: every memory regresses M(k) onto its own M(v)
-                n, state = len(g), states[i]
-                rep = lambda t: None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731
-                decay = chunk_decay(rep(log_alpha), rep(lb))
-                no_retention = None  # for the biases of the scalar memories
-                if state.b is not None:
-                    no_retention = chunk_decay(torch.zeros_like(rep(log_alpha)), rep(lb))
-                states[i], _ = memory_chunk_step(
-                    state, rep(k), rep(v), rep(eta), rep(erase), decay, cfg, no_retention
-                )
+            # writes: every memory regresses M(k) onto its own M(v)
+            state = stacked_chunk_step(state, layout, k, v, eta, erase, log_alpha, lb, cfg)
         gen = Generated(*(None if p[0] is None else torch.cat(p, dim=1) for p in zip(*pieces)))
         if self.training:
             self._record_mechanism_stats(gen, B, T)
@@ -570,11 +576,12 @@ class SelfModifyingTitans(nn.Module):
     def main_memory(self, gen: Generated, batch: int) -> Tensor:
         """Phase 2: the main memory over chunks of chunk_size_memory; returns o_t = M_{t-1}(q_t)."""
         cfg = self.cfg
-        C, T = cfg.chunk_size_memory, gen.k.shape[1]
+        C = cfg.chunk_size_memory
         state = self.memories["memory"].initial_state(batch, cfg.momentum)
+        n_chunks = -(-gen.k.shape[1] // C)
+        fields = [[None] * n_chunks if t is None else t.split(C, dim=1) for t in gen]  # split once, as in generate
         outs = []
-        for start in range(0, T, C):
-            q, k, v, eta, erase, log_alpha, log_beta = (None if t is None else t[:, start : start + C] for t in gen)
+        for q, k, v, eta, erase, log_alpha, log_beta in zip(*fields):
             decay = chunk_decay(log_alpha, log_beta)
             state, o = memory_chunk_step(state, k, v, eta, erase, decay, cfg, queries=q)
             outs.append(o)
