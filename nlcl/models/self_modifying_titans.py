@@ -274,9 +274,10 @@ def fast_matrix_chunk(
         r = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
 
     # state after the chunk: the last row of the unrolled formula
-    W = decay.gamma_last[:, None, None] * W0 - (u_eta * decay.D_last[..., None]).transpose(1, 2) @ x
-    if r is not None:
-        W = W - (r * (decay.G_last * erase)[..., None]).transpose(1, 2) @ x
+    writes = u_eta * decay.D_last[..., None]  # [N, C, dout]: what each token adds along its x
+    if r is not None:  # and what it erases: both are rank-1 along x_t, so one product takes both
+        writes = writes + r * (decay.G_last * erase)[..., None]
+    W = decay.gamma_last[:, None, None] * W0 - writes.transpose(1, 2) @ x
     S = None
     if S0 is not None:
         W = W + decay.d0_last[:, None, None] * S0
