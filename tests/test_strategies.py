@@ -283,7 +283,8 @@ def test_ewc_penalty_zero_first_then_positive(stream):
 
 
 def test_fisher_leaves_accumulated_grads_alone(stream):
-    # a multi-frequency optimizer keeps slow levels' gradient sums in .grad between steps
+    # the Fisher estimate must leave .grad as it found it (gradients a caller has accumulated, e.g.
+    # across accumulate_grad_batches; slow CMS levels now keep their sums in optimizer state)
     learner = make_learner(Strategy())
     learner.start_experience(0, stream.classes_seen(0))
     params = list(learner.model.parameters())
