@@ -32,6 +32,8 @@ commands:
   evaluate RUN... task.F=V --name N
                        score finished runs' final models on a changed stream (e.g. longer sequences);
                        `nlcl report` shows the mean as metric eval_<N>
+  tokenize OVERRIDES   write a token stream once as token files under +task.token_dir=<folder>;
+                       runs with that setting read it from disk lazily (nlcl tokenize --help)
   bench [ARGS]         training throughput of the model families (nlcl bench --help)
   bench loop [ARGS]    overhead of the continual-learning loop vs a plain loop and avalanche-lib
   bench gpu [--dry-run] the GPU speed run in one call: equivalence checks + bench at ~340M, one JSON
@@ -224,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         from nlcl.report import main as report_main
 
         return report_main(rest)
+    if command == "tokenize":
+        from nlcl.tokenize import main as tokenize_main
+
+        return tokenize_main(rest)
     if command == "evaluate":
         from nlcl.evaluate import main as evaluate_main
 

@@ -120,6 +120,10 @@ def _check_options(section: str, fn, options: dict, owner: str) -> None:
         _check(ok or value is None, f"{section}.{key}: expected {want} (default {default!r}), got {value!r}")
 
 
+# continual-learning strategies tested under trainer.strategy=fsdp (tests/test_fsdp_run.py)
+FSDP_STRATEGIES = ("naive",)
+
+
 def _check_trainer(t: DictConfig) -> None:
     _check(t.accelerator in ACCELERATORS, f"trainer.accelerator: '{t.accelerator}' is not one of {ACCELERATORS}")
     _check(str(t.precision) in PRECISIONS, f"trainer.precision: '{t.precision}' is not one of {PRECISIONS}")
@@ -135,11 +139,9 @@ def _check_trainer(t: DictConfig) -> None:
     strategies = ("auto", "ddp", "ddp_spawn", "fsdp")
     _check(t.get("strategy", "auto") in strategies,
            f"trainer.strategy: '{t.get('strategy')}' is not one of {strategies}")
-    _check(t.get("strategy", "auto") != "fsdp",
-           "trainer.strategy=fsdp: not available in nlcl run yet. Lightning's FSDP strategy is torch's "
-           "FullyShardedDataParallel, which refuses to run without an accelerator, and on GPUs the learner "
-           "builds its multi-frequency optimizer before Lightning would wrap the model; use trainer.strategy=ddp "
-           "(the optimizer's sharded state round trip is tested on torch's fully_shard)")
+    _check(t.get("strategy", "auto") != "fsdp" or t.get("devices", 1) * t.get("num_nodes", 1) >= 2,
+           "trainer.strategy=fsdp: shards the parameters over several processes; set trainer.devices (x "
+           "trainer.num_nodes) to 2 or more, or train one process with trainer.strategy=auto")
     _check(t.get("devices", 1) * t.get("num_nodes", 1) == 1 or t.batch_size >= t.get("devices", 1) * t.get("num_nodes", 1),
            f"trainer.batch_size: the global batch ({t.batch_size}) must have at least one sample per process "
            f"(trainer.devices x trainer.num_nodes = {t.get('devices', 1) * t.get('num_nodes', 1)})")
@@ -175,6 +177,9 @@ def _check_task(task: DictConfig) -> None:
     validation = options.pop("validation_per_class", None)
     _check(validation is None or (_is_int(validation) and validation >= 1),
            f"task.validation_per_class: must be null or an integer >= 1, got {validation!r}")
+    token_dir = options.pop("token_dir", None)
+    _check(token_dir is None or (isinstance(token_dir, str) and token_dir.strip() != ""),
+           f"task.token_dir: must be null or a folder path, got {token_dir!r}")
     if custom:
         from nlcl.plugins import resolve
 
@@ -253,6 +258,11 @@ def validate(cfg: DictConfig) -> DictConfig:
         _check(cfg.model.get("name") in model_names(),
                f"model.name: unknown model '{cfg.model.get('name')}'; allowed: {model_names()} (or give model._target_)")
     _check_strategy(cfg.strategy)
+    _check(cfg.trainer.get("strategy", "auto") != "fsdp" or cfg.strategy.get("name") in FSDP_STRATEGIES,
+           f"trainer.strategy=fsdp: strategy={cfg.strategy.get('name')} is not run under parameter sharding yet "
+           f"(its passes outside training, e.g. importance estimates, copies or projections of the model, are "
+           f"not tested on sharded parameters); under fsdp use strategy={' or '.join(FSDP_STRATEGIES)}, or "
+           "trainer.strategy=ddp for every strategy")
     _check_optim(cfg.optim)
     check_environment(cfg)
     return cfg

@@ -279,7 +279,7 @@ def check_all(cfg: DictConfig) -> None:
     _check_trainer_types(cfg)
     task = _plain(cfg.task)
     stream = STREAMS.get(task.get("stream"))
-    options = {k: v for k, v in task.items() if k not in ("stream", "first_experiences", "validation_per_class")}
+    options = {k: v for k, v in task.items() if k not in ("stream", "first_experiences", "validation_per_class", "token_dir")}
     if stream is not None:
         check_declared("task", stream, options)
     check_like_file("task", options, file_defaults("task", task.get("stream"), key="stream"))

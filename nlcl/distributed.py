@@ -80,6 +80,15 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def gather_objects(obj, dst: int = 0) -> list | None:
+    """Every rank's object, in rank order, on rank `dst` (None elsewhere): e.g. each rank's shards."""
+    if not active():
+        return [obj]
+    out = [None] * world_size() if rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def barrier() -> None:
     if active():
         dist.barrier()
@@ -88,9 +97,15 @@ def barrier() -> None:
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp")
 
 
-def trainer_strategy(name: str, world: int) -> str:
+def trainer_strategy(name: str, world: int):
     """The Lightning strategy each experience's Trainer uses. The processes exist by then (see
-    `start_processes`), so `ddp_spawn` trains as `ddp` inside them."""
+    `start_processes`), so `ddp_spawn` trains as `ddp` inside them. `fsdp` is Lightning's
+    ModelParallelStrategy with every rank in one data-parallel group: torch's `fully_shard` (FSDP2),
+    applied by the learner's configure_model (nlcl.sharding explains why not Lightning's FSDPStrategy)."""
+    if name == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     if world == 1 and name in ("auto", "ddp", "ddp_spawn"):
         return "auto"
     return {"auto": "ddp", "ddp_spawn": "ddp"}.get(name, name)
@@ -110,8 +125,9 @@ def start_processes(accelerator: str, devices: int, num_nodes: int, strategy: st
     # a process group exists; importing it first (as replay and A-GEM will) keeps it out of that check
     import avalanche.training.storage_policy  # noqa: F401
 
-    fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                      strategy=trainer_strategy(strategy, devices * num_nodes))
+    # Fabric only starts the processes and the process group here, which is DDP's job under fsdp too
+    launch_as = "ddp" if strategy == "fsdp" else trainer_strategy(strategy, devices * num_nodes)
+    fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=launch_as)
     if not active():
         fabric.launch()
     return fabric

@@ -51,8 +51,20 @@ def _all_finite(tensors: list[torch.Tensor], device) -> torch.Tensor:
     tensors = [t for t in tensors if t is not None]
     if not tensors:
         return torch.ones((), dtype=torch.bool, device=device)
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(t, DTensor) for t in tensors)
+    if sharded:  # trainer.strategy=fsdp: each rank checks its shards, and the ranks agree (one all-reduce)
+        tensors = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
     norms = torch._foreach_norm(tensors)
-    return torch.stack([n.float() for n in norms]).isfinite().all()
+    finite = torch.stack([n.float() for n in norms]).isfinite().all()
+    if sharded:
+        from nlcl import distributed as D
+
+        bad = (~finite).long()
+        D.all_reduce_sum_([bad])
+        finite = bad == 0
+    return finite
 
 
 def _as_float(v: float) -> float | str:

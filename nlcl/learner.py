@@ -27,15 +27,21 @@ class Learner(L.LightningModule):
     def __init__(self, model: nn.Module, num_classes: int,
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  strategies: Sequence = (), log_every: int = 25, mask_unseen: bool = True,
-                 objective: str = "classify"):
+                 objective: str = "classify", shard: Callable | None = None):
         super().__init__()
         self.model = model
+        # trainer.strategy=fsdp: `shard(model, mesh)` runs in configure_model, inside each rank, and the
+        # optimizer is built after it, over the sharded parameters (see nlcl.sharding)
+        self.shard = shard
+        self.make_optimizer = make_optimizer
+        self._pending_optimizer_shards = None  # a resumed sharded run's optimizer state, loaded once built
         self.strategies = list(strategies)
         self.log_every = log_every
         self.mask_unseen = mask_unseen
         self.objective = objective
         self.register_buffer("seen_mask", torch.zeros(num_classes, dtype=torch.bool))
-        self.optimizer = make_optimizer(model)  # built once: its state lives across experiences
+        # built once: its state lives across experiences
+        self.optimizer = make_optimizer(model) if shard is None else None
         self.total_steps = 0
         self.experience = -1
         self.batch_scale = 1.0  # this rank's weight of the current step's batch-mean losses
@@ -139,23 +145,74 @@ class Learner(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(values, step=self.total_steps)
 
-    # ---- optimizer hooks ----
+    # ---- parameter sharding (trainer.strategy=fsdp) and optimizer hooks ----
+    @property
+    def sharded(self) -> bool:
+        return self.optimizer is not None and self.shard is not None
+
+    def configure_model(self):
+        """Lightning calls this in every rank at the start of each fit; the model is sharded at the
+        first one and stays so (later experiences' Trainers find it sharded)."""
+        if self.shard is None or self.sharded:
+            return
+        mesh = self.device_mesh["data_parallel"]
+        self.shard(self.model, mesh)
+        self.optimizer = self.make_optimizer(self.model)
+        if self._pending_optimizer_shards is not None:
+            from nlcl.sharding import from_local
+
+            self.optimizer.load_state_dict(from_local(self._pending_optimizer_shards, mesh, self.device))
+            self._pending_optimizer_shards = None
+
     def configure_optimizers(self):
         return self.optimizer
 
     # ---- state that a resume needs beyond Lightning's own ----
     def run_state(self) -> dict:
+        """Under sharding every rank must call this (it gathers): the whole model, as on one process,
+        and the optimizer as every rank's own shards, in rank order (meaningful on rank 0)."""
+        if self.shard is not None:
+            return self._sharded_run_state()
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "total_steps": self.total_steps, "experience": self.experience,
                 "strategies": {type(s).__name__: s.state_dict() for s in self.strategies}}
 
+    def _sharded_run_state(self) -> dict:
+        from nlcl import distributed as D
+        from nlcl.sharding import full_model_state, to_local
+
+        if not self.sharded:  # not trained yet (no fit so far): the model is whole, nothing to gather
+            model, shards = self.model.state_dict(), self._pending_optimizer_shards
+            shards = D.gather_objects(shards)
+        else:
+            model = full_model_state(self.model)
+            shards = D.gather_objects(to_local(self.optimizer.state_dict()))
+        return {"model": model, "optimizer_shards": shards, "world_size": D.world_size(),
+                "total_steps": self.total_steps, "experience": self.experience,
+                "strategies": {type(s).__name__: s.state_dict() for s in self.strategies}}
+
     def load_run_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.model.load_state_dict(state["model"])  # the whole model: sharded again at the next fit
+        if self.shard is not None or "optimizer_shards" in state:
+            self._load_optimizer_shards(state)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.total_steps = int(state["total_steps"])
         self.experience = int(state["experience"])
         for s in self.strategies:
             s.load_state_dict(state["strategies"].get(type(s).__name__, {}))
+
+
+    def _load_optimizer_shards(self, state: dict) -> None:
+        from nlcl import distributed as D
+
+        if self.shard is None or "optimizer_shards" not in state:
+            saved = "sharded (trainer.strategy=fsdp)" if "optimizer_shards" in state else "not sharded"
+            raise ValueError(f"the saved run is {saved}; resume it with the trainer.strategy it was started with")
+        if int(state["world_size"]) != D.world_size():
+            raise ValueError(f"the saved run's optimizer is sharded over {state['world_size']} processes; resume it "
+                             f"with trainer.devices x trainer.num_nodes = {state['world_size']} (now {D.world_size()})")
+        self._pending_optimizer_shards = state["optimizer_shards"][D.rank()]
 
 
 def flatten_level_stats(stats: dict) -> dict:

@@ -41,10 +41,12 @@ from nlcl.optim import build_optimizer
 from nlcl.plugins import load_plugins
 from nlcl.progress import PlainProgress
 from nlcl.run_lock import hold_run_dir
+from nlcl.sharding import shard_model
 from nlcl.results import (atomic_torch_save, atomic_write_json, atomic_write_text, clean_interrupted_writes,
                           format_matrix, plot_accuracy_matrix, safe_torch_load, write_metrics_csv)
 from nlcl.streams import build_stream
 from nlcl.streams.base import TaskStream
+from nlcl.streams.token_store import stored_stream
 from nlcl.strategies import build_strategy
 
 STATE_FILE = Path("checkpoints") / "state.pt"
@@ -64,15 +66,35 @@ def _kwargs(node, drop_name: bool = True) -> dict:
     return d
 
 
+def build_task_stream(cfg: DictConfig) -> TaskStream:
+    """The run's stream from cfg.task, before the run's own cuts (validation split, first experiences).
+
+    With task.token_dir it is tokenised once into token files and read from disk lazily afterwards
+    (the same rows, so the same R); `nlcl tokenize` calls this to do that step ahead of a run."""
+    task, token_dir = task_options(cfg)
+    stream_name = task.pop("stream")
+
+    def build() -> TaskStream:
+        return custom_stream(task) if "_target_" in task else build_stream(stream_name, **task)
+
+    return stored_stream({"stream": stream_name, **task}, token_dir, build) if token_dir else build()
+
+
+def task_options(cfg: DictConfig) -> tuple[dict, str | None]:
+    """(the settings that make the stream, task.token_dir): the run's own cuts and the folder left out."""
+    task = _kwargs(cfg.task, drop_name=False)
+    for key in ("first_experiences", "validation_per_class"):
+        task.pop(key, None)
+    return task, task.pop("token_dir", None)
+
+
 def build_parts(cfg: DictConfig) -> RunParts:
     """Everything that can fail on bad input fails here, before any training or writing."""
     load_plugins(cfg.get("plugins"))
     L.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    task = _kwargs(cfg.task, drop_name=False)
-    stream_name = task.pop("stream")
-    first = task.pop("first_experiences", None)
-    validation = task.pop("validation_per_class", None)
-    stream = custom_stream(task) if "_target_" in task else build_stream(stream_name, **task)
+    first = cfg.task.get("first_experiences")
+    validation = cfg.task.get("validation_per_class")
+    stream = build_task_stream(cfg)
     if validation is not None:  # tuning mode: score on held-out training samples, not on test
         stream.hold_out_validation(int(validation), seed=int(cfg.seed))
     if first is not None:  # a quick run on the head of the stream
@@ -92,12 +114,16 @@ def build_parts(cfg: DictConfig) -> RunParts:
     def make_optimizer(m):
         return build_optimizer(m, cfg.optim.get("name"), **optim_kw)
 
+    sharded = str(cfg.trainer.get("strategy", "auto")) == "fsdp"
     learner = Learner(model, stream.num_classes, make_optimizer, strategies,
                       log_every=int(cfg.trainer.log_every), objective=stream.objective,
-                      mask_unseen=bool(cfg.trainer.get("mask_unseen", True)))
-    in_memory = [e.train.x for e in stream.experiences if isinstance(getattr(e.train, "x", None), torch.Tensor)]
-    if stream.input_kind == "tokens" and in_memory:  # self-modification that cannot act is said before training
-        longest = max(longest_sequence(x, stream.pad_id) for x in in_memory)
+                      mask_unseen=bool(cfg.trainer.get("mask_unseen", True)), shard=shard_model if sharded else None)
+    # token files on disk recorded their longest row when written; in-memory sets are measured
+    lengths = [longest_sequence(e.train.x, stream.pad_id) if isinstance(getattr(e.train, "x", None), torch.Tensor)
+               else getattr(e.train, "longest", None) for e in stream.experiences]
+    lengths = [n for n in lengths if n is not None]
+    if stream.input_kind == "tokens" and lengths:  # self-modification that cannot act is said before training
+        longest = max(lengths)
         for message in chunking_warnings(model, longest):
             print(f"[nlcl] WARNING {message}", file=sys.stderr)
     return RunParts(stream, learner, strategies)
@@ -166,10 +192,27 @@ def evaluate_all(learner: Learner, stream: TaskStream, batch_size: int, seen_upt
     loaders = dm.test_dataloaders(stream)
     counts = torch.stack([count_correct(learner.model, loader, seen, e.classes, device)
                           for e, loader in zip(stream.experiences, loaders)])
+    if learner.sharded:  # every forward of a sharded model gathers its parameters: all ranks run as many
+        match_forwards(learner.model, loaders, [e.test for e in stream.experiences], dm.collate(), device)
     D.all_reduce_sum_([counts])
     cil = (counts[:, 0] / counts[:, 2]).tolist()
     til = (counts[:, 1] / counts[:, 2]).tolist()
     return cil, til
+
+
+@torch.no_grad()
+def match_forwards(model: torch.nn.Module, loaders: list, datasets: list, collate, device) -> None:
+    """Run stand-in forwards (results unused) until this rank has run as many evaluation batches as
+    the rank with the most: the shares of a test set differ by at most one sample, which can still
+    make one more batch on some ranks, and a sharded model's forward is a collective."""
+    mine = sum(len(loader) for loader in loaders)
+    most = max(D.all_gather_objects(mine))
+    stand_in = collate([datasets[0][0]])[0].to(device)
+    was_training = model.training
+    model.eval()
+    for _ in range(most - mine):
+        model(stand_in)
+    model.train(was_training)
 
 
 class StepEvaluator(L.Callback):
@@ -198,6 +241,8 @@ class StepEvaluator(L.Callback):
 
 # settings that change how a run is watched, never what it learns or the matrix R it reports
 NOT_FINGERPRINTED = {"": ("run_dir", "logger", "experiment_name", "variant"),
+                     # where a stream's token files live changes nothing they hold (tested: same R)
+                     "task": ("token_dir",),
                      "trainer": ("progress_bar", "log_every", "eval_batch_size", "eval_every_n_steps", "eval_subsample",
                                  # how many processes share the work: same batches, same R up to float
                                  # reduction order, so a run may resume on another number of devices

@@ -1,10 +1,8 @@
 """One rank of the sharded multi-frequency optimizer test (tests/test_fsdp_state.py).
 
-Lightning's FSDPStrategy wraps models in torch's FullyShardedDataParallel, which in this torch
-refuses to run without an accelerator ("FSDP needs a non-CPU accelerator device"). torch's
-per-parameter sharding (`fully_shard`, FSDP2: every parameter a DTensor sharded over the ranks)
-does run on CPU with gloo, so this worker shards a small Hope with it and checks what a checkpoint
-of the multi-frequency optimizer must carry under sharding: every rank saves its own shards of the
+It shards a small Hope with torch's per-parameter sharding (`fully_shard`, FSDP2: every parameter a
+DTensor sharded over the ranks) directly, without Lightning, and checks what a checkpoint of the
+multi-frequency optimizer must carry under sharding: every rank saves its own shards of the
 per-level inner states, the pending period sums and the step counter; a fresh model and optimizer
 load them and training continues exactly as it would have without the interruption.
 """
@@ -17,40 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-
-def to_local(obj):
-    """The state with every DTensor replaced by this rank's shard and its layout (what a sharded
-    checkpoint stores: no rank ever holds a full tensor)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    if isinstance(obj, DTensor):
-        layout = []
-        for p in obj.placements:
-            if not isinstance(p, (Shard, Replicate)):
-                raise TypeError(f"unexpected placement {p} in optimizer state")
-            layout.append(p.dim if isinstance(p, Shard) else -1)
-        return {"__shard__": obj.to_local().clone(), "layout": layout, "shape": list(obj.shape),
-                "stride": list(obj.stride())}
-    if isinstance(obj, dict):
-        return {k: to_local(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_local(v) for v in obj]
-    return obj
-
-
-def from_local(obj, mesh):
-    """Inverse of to_local on `mesh`: every shard wrapped back as a DTensor with its saved layout."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    if isinstance(obj, dict) and "__shard__" in obj:
-        placements = [Replicate() if d < 0 else Shard(d) for d in obj["layout"]]
-        return DTensor.from_local(obj["__shard__"], mesh, placements, run_check=False,
-                                  shape=torch.Size(obj["shape"]), stride=tuple(obj["stride"]))
-    if isinstance(obj, dict):
-        return {k: from_local(v, mesh) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [from_local(v, mesh) for v in obj]
-    return obj
+from nlcl.sharding import from_local, to_local  # what the runner saves under trainer.strategy=fsdp
 
 
 def build(world: int):

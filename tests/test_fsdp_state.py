@@ -1,12 +1,10 @@
-"""The multi-frequency optimizer's state under parameter sharding (FSDP2, 2 CPU processes, gloo).
+"""The multi-frequency optimizer's state under parameter sharding, on torch's fully_shard directly
+(FSDP2, 2 CPU processes, gloo), below nlcl run (tests/test_fsdp_run.py runs trainer.strategy=fsdp).
 
-Lightning's FSDPStrategy needs an accelerator with this torch (its FullyShardedDataParallel raises
-"FSDP needs a non-CPU accelerator device" on CPU), so the runner refuses trainer.strategy=fsdp on
-CPU, and this test checks the part that FSDP adds to a resume directly on torch's `fully_shard`:
-a small Hope (CMS levels of periods 1 and 3) trains 4 steps sharded over 2 ranks, each rank saves
-only its shards of the per-level AdamW states, the pending period sums and the step counter; a
-fresh sharded model and optimizer load them and 5 more steps (the period-3 level steps twice) end
-bit-identical to the uninterrupted run.
+A small Hope (CMS levels of periods 1 and 3) trains 4 steps sharded over 2 ranks, each rank saves
+only its shards of the per-level AdamW states, the pending period sums and the step counter
+(nlcl.sharding.to_local); a fresh sharded model and optimizer load them and 5 more steps (the
+period-3 level steps twice) end bit-identical to the uninterrupted run.
 """
 import json
 import os
@@ -15,10 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from nlcl.config import ConfigError, compose, validate
-from tests.conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,8 +40,3 @@ def test_sharded_multi_frequency_state_round_trip(tmp_path):
         assert rep["step_count"] == 9
         assert rep["slow_level_moved_after_resume"] > 0  # the slow level stepped after the resume
         assert rep["max_abs_diff"] == 0.0  # resumed == uninterrupted, bit for bit
-
-
-def test_fsdp_on_cpu_is_refused_before_any_work(tmp_path):
-    with pytest.raises(ConfigError, match="trainer.strategy=fsdp"):
-        validate(compose(tiny_overrides(tmp_path, "trainer.strategy=fsdp", "trainer.devices=2")))

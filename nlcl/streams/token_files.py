@@ -11,6 +11,11 @@ a memory map would be the other choice, but every page it touches counts in the 
 set until the kernel needs the memory back, so resident memory would grow with the corpus read so
 far; with reads it stays flat (the kernel's page cache still caches the file, outside the process).
 
+`TokenRows` reads fixed-width rows instead: row i of an input file and row i of a target file
+(targets may hold the ignore index -100, so their file is signed). It is how a built stream whose
+targets are not the shifted inputs (knowledge facts, synthetic tasks) lives on disk
+(`nlcl.streams.token_store`).
+
 `token_files_stream` makes a task stream of such files (one experience per train/test pair);
 `tokenize_text_file` is the tokenise step for a text corpus, streamed in chunks of lines.
 """
@@ -34,16 +39,26 @@ def header_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def token_dtype(vocab_size: int, ignore_index: int | None = None) -> np.dtype:
+    """The narrowest dtype that holds ids 0..vocab_size-1 (and the negative ignore index, when given)."""
+    if ignore_index is None:
+        return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
+    return np.dtype(np.int16 if vocab_size <= 2**15 else np.int32)
+
+
 def write_token_file(path: str | Path, chunks: Iterable[Sequence[int] | np.ndarray], vocab_size: int,
-                     pad_id: int = 0) -> Path:
+                     pad_id: int = 0, ignore_index: int | None = None) -> Path:
     """Write token ids given chunk by chunk (the corpus is never held whole) to `path` (.bin) and its
-    header; returns the path. Ids must lie in [0, vocab_size)."""
+    header; returns the path. Ids must lie in [0, vocab_size); with `ignore_index` (a negative
+    target that carries no loss, -100) that value is allowed too and the file is signed."""
     path = Path(path)
     if path.suffix != ".bin":
         raise StreamError(f"token file '{path}': the name must end in .bin")
     if vocab_size < 1:
         raise StreamError(f"token file '{path}': vocab_size must be >= 1, got {vocab_size}")
-    dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
+    if ignore_index is not None and ignore_index >= 0:
+        raise StreamError(f"token file '{path}': ignore_index must be negative, got {ignore_index}")
+    dtype = token_dtype(vocab_size, ignore_index)
     path.parent.mkdir(parents=True, exist_ok=True)
     header_path(path).unlink(missing_ok=True)  # the file is unfinished until its header exists again
     part = path.with_suffix(".bin.part")
@@ -51,13 +66,16 @@ def write_token_file(path: str | Path, chunks: Iterable[Sequence[int] | np.ndarr
     with open(part, "wb") as out:
         for chunk in chunks:
             ids = np.asarray(chunk, dtype=np.int64)
-            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-                raise StreamError(f"token file '{path}': ids must lie in [0, {vocab_size}), got "
-                                  f"{int(ids.min())}..{int(ids.max())} near token {n}")
+            real = ids if ignore_index is None else ids[ids != ignore_index]
+            if real.size and (real.min() < 0 or real.max() >= vocab_size):
+                allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or {ignore_index}")
+                raise StreamError(f"token file '{path}': ids must lie in {allowed}, got "
+                                  f"{int(real.min())}..{int(real.max())} near token {n}")
             ids.astype(dtype).tofile(out)
             n += ids.size
     os.replace(part, path)
-    header = {"format": FORMAT, "dtype": dtype.name, "n_tokens": n, "vocab_size": int(vocab_size), "pad_id": int(pad_id)}
+    header = {"format": FORMAT, "dtype": dtype.name, "n_tokens": n, "vocab_size": int(vocab_size), "pad_id": int(pad_id),
+              "ignore_index": ignore_index}
     tmp = header_path(path).with_suffix(".json.part")
     tmp.write_text(json.dumps(header))
     os.replace(tmp, header_path(path))
@@ -138,6 +156,39 @@ class TokenWindows(Dataset):
                 os.close(self._fd)
             except OSError:
                 pass
+
+
+class TokenRows(Dataset):
+    """Rows of width `row_len` from an input token file and a target token file: item i is
+    (x row i, y row i), read on demand. Both files are read through `TokenWindows` (a window of
+    `row_len` tokens is a row), so they share its lazy per-process descriptors and its subsets."""
+
+    def __init__(self, x_path: str | Path, y_path: str | Path, row_len: int, longest: int | None = None):
+        if row_len < 2:
+            raise StreamError(f"token rows '{x_path}': row_len must be >= 2, got {row_len}")
+        self.x_rows, self.y_rows = TokenWindows(x_path, row_len - 1), TokenWindows(y_path, row_len - 1)
+        if self.x_rows.n_windows != self.y_rows.n_windows:
+            raise StreamError(f"token rows '{x_path}': {self.x_rows.n_windows} input rows but "
+                              f"{self.y_rows.n_windows} target rows in '{y_path}'")
+        self.row_len = row_len
+        self.longest = longest  # longest unpadded input row, recorded when written (for the runner's checks)
+
+    def __len__(self) -> int:
+        return len(self.x_rows)
+
+    def __getitem__(self, i):
+        return self.x_rows._window(self.x_rows.windows[i]), self.y_rows._window(self.y_rows.windows[i])
+
+    def slice(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows start..stop-1 stacked: (x [n, row_len], y [n, row_len])."""
+        x = [self.x_rows._window(w) for w in self.x_rows.windows[start:stop]]
+        y = [self.y_rows._window(w) for w in self.y_rows.windows[start:stop]]
+        return torch.stack(x), torch.stack(y)
+
+    def subset(self, index) -> "TokenRows":
+        out = TokenRows.__new__(TokenRows)
+        out.__dict__.update(self.__dict__, x_rows=self.x_rows.subset(index), y_rows=self.y_rows.subset(index))
+        return out
 
 
 def _pick(n_windows: int, n: int | None, rng: np.random.Generator, what: str):
