@@ -59,6 +59,7 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _hydra_run(argv: list[str]) -> int:
+    user_argv = list(argv)
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
@@ -140,6 +141,11 @@ def _hydra_run(argv: list[str]) -> int:
         run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")), "")
         if run_dir:  # Hydra's own output folder is the run's folder: no empty runs/adhoc/... left behind
             argv = [*argv, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    from nlcl import distributed
+
+    # Lightning starts the other ranks by re-running sys.argv, which Hydra needs to read "nlcl run":
+    # keep the command as typed for that
+    distributed.RELAUNCH_ARGV = [sys.argv[0], "run", *user_argv]
     sys.argv = ["nlcl run", *argv]
     app()
     return 0

@@ -95,6 +95,8 @@ def barrier() -> None:
 
 
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp")
+# the command line as the user typed it (set by `nlcl run`): what Lightning re-runs to start the other ranks
+RELAUNCH_ARGV: list[str] | None = None
 
 
 def trainer_strategy(name: str, world: int):
@@ -129,6 +131,10 @@ def start_processes(accelerator: str, devices: int, num_nodes: int, strategy: st
     launch_as = "ddp" if strategy == "fsdp" else trainer_strategy(strategy, devices * num_nodes)
     fabric = L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=launch_as)
     if not active():
+        if RELAUNCH_ARGV is not None:
+            import sys
+
+            sys.argv = list(RELAUNCH_ARGV)
         fabric.launch()
     return fabric
 

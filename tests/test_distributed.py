@@ -124,3 +124,17 @@ def test_two_processes_reading_token_files_give_the_single_process_in_memory_mat
     facts = min(len(e.test) for e in build_stream("knowledge", countries_per_region=2, regions=["Europe", "Asia"],
                                                    scorer="ranking", n_candidates=4).experiences)
     assert (torch.tensor(R1) - torch.tensor(R2)).abs().max() <= 1 / facts + 1e-9
+
+
+def test_nlcl_run_keeps_the_typed_command_for_lightning_to_start_the_other_ranks(tmp_path, capsys, monkeypatch):
+    # Lightning starts rank 1 by re-running sys.argv; `nlcl run` renames argv[0] for Hydra, which made
+    # that re-run `python 'nlcl run' ...` (no such file) until the typed command was kept for it
+    from nlcl import distributed
+    from nlcl.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/nlcl", "run", "--cfg", "job"])
+    monkeypatch.setattr(distributed, "RELAUNCH_ARGV", None)
+    args = ["--cfg", "job", f"run_dir={tmp_path}", "trainer.devices=2", "trainer.strategy=ddp"]
+    assert main(["run", *args]) == 0
+    assert distributed.RELAUNCH_ARGV == ["/venv/bin/nlcl", "run", *args]
+    assert "devices: 2" in capsys.readouterr().out
