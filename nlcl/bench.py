@@ -9,7 +9,9 @@ steps (forward, backward, AdamW) on random tokens. Reported per row:
                   of the same run (same device, dtype and threads): how close to the arithmetic
                   limit the model runs, which tokens/s alone cannot say;
   peak memory     CUDA: max allocated; CPU: the peak resident set the step added to an idle process;
-  x T++           tokens/s over Transformer++'s at the same length.
+  x T++           tokens/s over Transformer++'s at the same length;
+  tok/cpu-s       tokens per second of this process's CPU time: on a shared machine the wall clock
+                  also counts the time other processes held the cores, this does not.
 Every row runs in a fresh process, so one model's memory (or crash) never shows up in another row.
 """
 from __future__ import annotations
@@ -80,11 +82,11 @@ def bench_one(family: str, T: int, batch: int, d_model: int, n_layers: int, n_he
     for _ in range(warmup):
         step()
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     sync()
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu_elapsed = time.perf_counter() - t0, time.process_time() - c0
     if device.type == "cuda":
         peak_gb, memory_kind = torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
     else:
@@ -97,6 +99,7 @@ def bench_one(family: str, T: int, batch: int, d_model: int, n_layers: int, n_he
     tokens = batch * T
     tokens_per_s = tokens * steps / elapsed
     return {"family": family, "T": T, "batch": batch, "n_params": n_params, "tokens_per_s": tokens_per_s,
+            "cpu_tokens_per_s": tokens * steps / cpu_elapsed if cpu_elapsed > 0 else None,
             "step_ms": 1000 * elapsed / steps, "flops_per_token": flops / tokens,
             "achieved_flops": flops / tokens * tokens_per_s, "peak_memory_gb": peak_gb, "memory_kind": memory_kind}
 
@@ -142,7 +145,7 @@ def _fla_deltanet(vocab, d_model, n_layers, n_heads):
 def format_table(rows: list[dict], peak: float | None) -> str:
     base = {r["T"]: r["tokens_per_s"] for r in rows if r["family"] == "transformer" and "error" not in r}
     lines = [f"{'family':<16}{'T':>7}{'params':>12}{'tokens/s':>11}{'x T++':>7}{'step ms':>10}"
-             f"{'MFLOP/tok':>11}{'GFLOP/s':>9}{'of peak':>9}{'peak GB':>9}"]
+             f"{'tok/cpu-s':>10}{'MFLOP/tok':>11}{'GFLOP/s':>9}{'of peak':>9}{'peak GB':>9}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['family']:<16}{r['T']:>7}  error: {r['error']}")
@@ -151,7 +154,7 @@ def format_table(rows: list[dict], peak: float | None) -> str:
         frac = f"{100 * r['achieved_flops'] / peak:.1f}%" if peak else "-"
         mem = "-" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.3f}"
         lines.append(f"{r['family']:<16}{r['T']:>7}{r['n_params']:>12,}{r['tokens_per_s']:>11,.0f}{ratio:>7.2f}"
-                     f"{r['step_ms']:>10.1f}{r['flops_per_token'] / 1e6:>11.2f}{r['achieved_flops'] / 1e9:>9.2f}"
+                     f"{r['step_ms']:>10.1f}{r['cpu_tokens_per_s'] or 0:>10,.0f}{r['flops_per_token'] / 1e6:>11.2f}{r['achieved_flops'] / 1e9:>9.2f}"
                      f"{frac:>9}{mem:>9}")
     return "\n".join(lines)
 

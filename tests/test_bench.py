@@ -48,6 +48,6 @@ def test_bench_end_to_end_writes_one_row_per_family(tmp_path, capsys):
     rows = {r["family"]: r for r in data["rows"]}
     assert set(rows) == {"transformer", "hope"} and not any("error" in r for r in rows.values())
     for r in rows.values():
-        assert r["flops_per_token"] > 0 and r["peak_memory_gb"] > 0
+        assert r["flops_per_token"] > 0 and r["peak_memory_gb"] > 0 and r["cpu_tokens_per_s"] > 0
         assert r["fraction_of_peak"] == r["achieved_flops"] / peak
     assert "MFLOP/tok" in capsys.readouterr().out
