@@ -132,8 +132,16 @@ def _hydra_run(argv: list[str]) -> int:
 
     if "--help" in argv or "-h" in argv:  # nlcl's own help screen (nlcl/conf/hydra/help/nlcl.yaml)
         argv = [*argv, "hydra/help=nlcl"]
-    elif "-m" in argv or "--multirun" in argv:  # say where the sweep is and how to report it
+    elif "-m" in argv or "--multirun" in argv:
+        code = _prevalidate_sweep(argv)  # every combination refused or accepted before the first run
+        if code is not None:
+            return code
+        # say where the sweep is and how to report it, and remember how its runs ended
         argv = [*argv, f"+hydra.callbacks.nlcl_summary._target_={__name__}.SweepSummary"]
+        SweepSummary.counts = None
+        sys.argv = ["nlcl run", *argv]
+        app()
+        return _sweep_exit_code(SweepSummary.counts)
     else:
         code = _prevalidate(argv)  # a single run and `--cfg job`: refused before Hydra starts the job
         if code is not None:
@@ -172,36 +180,126 @@ def _say_interrupted(run_dir: Path, overrides: list[str], sweep_dir: str | None,
               f"{shlex.quote(f'hydra.sweep.dir={sweep_dir}')}", file=sys.stderr)
 
 
-def _prevalidate(argv: list[str]) -> int | None:
-    """Compose and validate a single run's overrides as the run will; EXIT_USAGE after printing
-    the one-line error, None when the config is good (or uses a Hydra flag we leave to Hydra)."""
-    from nlcl.config import ConfigError, compose, validate
-
+def _overrides_of(argv: list[str]) -> list[str] | None:
+    """The Hydra overrides in argv without the flags nlcl knows; None when a flag we leave to Hydra."""
     overrides, i = [], 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("--cfg", "-c", "--package", "-p"):
             i += 2
             continue
-        if arg == "--resolve":
+        if arg in ("--resolve", "-m", "--multirun"):
             i += 1
             continue
         if arg.startswith("-"):
             return None
         overrides.append(arg)
         i += 1
+    return overrides
+
+
+def _refused(jobs: list[tuple[str, list[str]]]) -> int | None:
+    """Validate each (label, overrides): first every job without torch or Lightning (fast), then
+    against the builders. EXIT_USAGE after printing the first refusal in one line, else None."""
+    from nlcl.config import ConfigError, compose
+
+    composed = []
+    for stage in ("static", "full"):
+        for i, (label, overrides) in enumerate(jobs):
+            try:
+                if stage == "static":
+                    from nlcl.config import validate_static
+
+                    composed.append(validate_static(compose(overrides)))
+                else:
+                    from nlcl.config import validate  # imports torch and Lightning (the strategies)
+
+                    validate(composed[i])
+            except ConfigError as e:
+                print(f"nlcl: error: {label}{e}", file=sys.stderr)
+                return EXIT_USAGE
+    return None
+
+
+def _prevalidate(argv: list[str]) -> int | None:
+    """Compose and validate a single run's overrides as the run will; EXIT_USAGE after printing
+    the one-line error, None when the config is good (or uses a Hydra flag we leave to Hydra)."""
+    overrides = _overrides_of(argv)
+    if overrides is None:
+        return None
     if not any(o.startswith("run_dir=") for o in overrides):  # Hydra's folder, made under the current one
         overrides.append(f"run_dir={Path.cwd() / 'runs'}")
+    return _refused([("", overrides)])
+
+
+def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], set[str]]:
+    """The overrides of every run a sweep starts, in Hydra's order (its basic sweeper's product of
+    the command line's sweeps and of `hydra.sweeper.params` set by an experiment config), and the
+    keys that are swept."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from nlcl.config import config_dir
+
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir())))  # for glob()
+    parser = OverridesParser.create(config_loader=loader)
+    parsed = parser.parse_overrides(overrides)
+    jobs = BasicSweeper.split_arguments(parsed, None)[0]
     try:
-        validate(compose(overrides))
-    except ConfigError as e:
-        print(f"nlcl: error: {e}", file=sys.stderr)
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            hydra_cfg = hydra_compose(config_name="config", overrides=jobs[0], return_hydra_config=True).hydra
+    except Exception:  # noqa: BLE001 - the first run's config does not compose: nlcl's compose says why
+        from nlcl.config import compose
+
+        compose(jobs[0])
+        raise
+    params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()]
+    if params:  # as the sweeper does: the config's params first, the command line's after them
+        parsed = parser.parse_overrides([*params, *overrides])
+        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    return jobs, {o.get_key_element() for o in parsed if o.is_sweep_override()}
+
+
+def _prevalidate_sweep(argv: list[str]) -> int | None:
+    """Every combination of a sweep composed and validated before the first run starts."""
+    from nlcl.config import ConfigError
+
+    overrides = _overrides_of(argv)
+    if overrides is None:
+        return None
+    try:
+        jobs, swept = sweep_jobs(overrides)
+    except ConfigError as e:  # the first combination does not compose
+        print(f"nlcl: error: sweep run 0: {e}", file=sys.stderr)
         return EXIT_USAGE
-    return None
+    except Exception as e:  # noqa: BLE001 - a sweep syntax error: Hydra's own message says what
+        text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"nlcl: error: {text}", file=sys.stderr)
+        return EXIT_USAGE
+    labelled = []
+    for i, job in enumerate(jobs):
+        shown = " ".join(o for o in job if o.split("=", 1)[0] in swept)
+        if not any(o.startswith("run_dir=") for o in job):  # the sweep folder's parent must be writable
+            job = [*job, f"run_dir={Path.cwd() / 'multirun'}"]
+        labelled.append((f"sweep run {i} of {len(jobs)}{f' ({shown})' if shown else ''}: ", job))
+    return _refused(labelled)
+
+
+def _sweep_exit_code(counts: dict | None) -> int:
+    """0 when at least one run of the sweep finished; otherwise 3 when every run diverged, else 1."""
+    if counts is None or counts["finished"] > 0:
+        return 0
+    return EXIT_DIVERGED if counts["diverged"] and not counts["failed"] else 1
 
 
 class SweepSummary(Callback):
     """Hydra callback: at the end of a sweep, count finished and failed runs and name the report command."""
+
+    counts: dict | None = None  # read by _hydra_run for the sweep's exit code (the callback lives in this process)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         import json
@@ -215,6 +313,7 @@ class SweepSummary(Callback):
                 status.append("unreadable")
         diverged = status.count("diverged")
         failed = len(status) - status.count("finished") - diverged
+        SweepSummary.counts = {"finished": status.count("finished"), "failed": failed, "diverged": diverged}
         print(f"\n[nlcl] sweep done: {status.count('finished')} runs finished, {failed} failed, "
               f"{diverged} diverged, in {sweep}/\n"
               f"[nlcl] compare them: nlcl report {sweep}")

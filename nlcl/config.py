@@ -161,6 +161,18 @@ def _check_target(section: str, node: DictConfig, labels: tuple[str, ...]):
     return fn, options
 
 
+def _check_task_counts(task: DictConfig) -> None:
+    first = task.get("first_experiences")
+    _check(first is None or (_is_int(first) and first >= 1),
+           f"task.first_experiences: must be null or an integer >= 1, got {first!r}")
+    validation = task.get("validation_per_class")
+    _check(validation is None or (_is_int(validation) and validation >= 1),
+           f"task.validation_per_class: must be null or an integer >= 1, got {validation!r}")
+    token_dir = task.get("token_dir")
+    _check(token_dir is None or (isinstance(token_dir, str) and token_dir.strip() != ""),
+           f"task.token_dir: must be null or a folder path, got {token_dir!r}")
+
+
 def _check_task(task: DictConfig) -> None:
     from nlcl.streams import STREAMS
 
@@ -169,17 +181,8 @@ def _check_task(task: DictConfig) -> None:
     _check(custom or task.stream in STREAMS,
            f"task.stream: unknown stream '{task.stream}'; allowed: {sorted(STREAMS)} (or give task._target_)")
     options = OmegaConf.to_container(task, resolve=True)
-    options.pop("stream")
-    options.pop("_target_", None)
-    first = options.pop("first_experiences", None)
-    _check(first is None or (_is_int(first) and first >= 1),
-           f"task.first_experiences: must be null or an integer >= 1, got {first!r}")
-    validation = options.pop("validation_per_class", None)
-    _check(validation is None or (_is_int(validation) and validation >= 1),
-           f"task.validation_per_class: must be null or an integer >= 1, got {validation!r}")
-    token_dir = options.pop("token_dir", None)
-    _check(token_dir is None or (isinstance(token_dir, str) and token_dir.strip() != ""),
-           f"task.token_dir: must be null or a folder path, got {token_dir!r}")
+    for key in ("stream", "_target_", "first_experiences", "validation_per_class", "token_dir"):
+        options.pop(key, None)
     if custom:
         from nlcl.plugins import resolve
 
@@ -212,9 +215,6 @@ def _check_optim(optim: DictConfig) -> None:
     else:
         _check(name in OPTIMIZERS,
                f"optim.name: unknown optimizer '{name}'; allowed: {sorted(OPTIMIZERS)} (or give optim._target_)")
-    _check(_is_number(optim.get("lr")) and optim.lr > 0, f"optim.lr: must be a number > 0, got {optim.get('lr')!r}")
-    wd = optim.get("weight_decay", 0.0)
-    _check(_is_number(wd) and wd >= 0, f"optim.weight_decay: must be a number >= 0, got {wd!r}")
     from nlcl.optim.multifrequency import ACCUMULATIONS
 
     acc = optim.get("level_accumulation", "gradient")
@@ -229,28 +229,46 @@ def _check_optim(optim: DictConfig) -> None:
         raise ConfigError(f"{field}: {e}") from None
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Raise ConfigError naming the field for anything that cannot work; return cfg unchanged.
-
-    Cheap: it builds nothing but a 2x2 optimizer, reads no data. Model fields are checked when the
-    model is built (the first thing a run does, before it writes anything)."""
-    from nlcl.config_checks import check_all, check_environment
-    from nlcl.models import model_names
-    from nlcl.plugins import load_plugins
+def validate_static(cfg: DictConfig) -> DictConfig:
+    """The checks that import neither torch nor Lightning (nor any plugin): the config's own types,
+    ranges and names, run_dir, the accelerator where the machine has no GPU device at all. The CLI
+    runs them first, so most bad values are refused in about a second; raises ConfigError."""
+    from nlcl.config_checks import check_static
 
     plugins = cfg.get("plugins") or []
     _check(OmegaConf.is_list(plugins) or isinstance(plugins, list),
            f"plugins: a list of module names, e.g. plugins=[my_module], got {plugins!r}")
-    load_plugins(list(plugins))  # first: plugin modules may register streams and models checked below
     missing = sorted(OmegaConf.missing_keys(cfg))
     _check(not missing, f"{', '.join(missing)}: required, no default (set it, e.g. {missing[0] if missing else ''}=...)")
-    check_all(cfg)  # strict types, ranges, top-level keys (run_dir and accelerator last)
+    check_static(cfg)  # strict types, ranges, top-level keys, run_dir
     _check_schema("trainer", TrainerConfig, cfg.trainer)
     _check_schema("logger", LoggerConfig, cfg.logger)
     _check_trainer(cfg.trainer)
     _check(cfg.logger.wandb_mode in WANDB_MODES, f"logger.wandb_mode: '{cfg.logger.wandb_mode}' is not one of {WANDB_MODES}")
     seed = cfg.get("seed")
     _check(_is_int(seed) and 0 <= seed <= MAX_SEED, f"seed: must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    _check("stream" in cfg.task, "task.stream: missing; every task file names its stream")
+    _check_task_counts(cfg.task)
+    _check(_is_number(cfg.optim.get("lr")) and cfg.optim.lr > 0, f"optim.lr: must be a number > 0, got {cfg.optim.get('lr')!r}")
+    wd = cfg.optim.get("weight_decay", 0.0)
+    _check(_is_number(wd) and wd >= 0, f"optim.weight_decay: must be a number >= 0, got {wd!r}")
+    return cfg
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Raise ConfigError naming the field for anything that cannot work; return cfg unchanged.
+
+    `validate_static` first, then the checks against the builders (stream, model names, strategy,
+    optimizer), after the config's plugins are imported. Cheap: it builds nothing but a 2x2
+    optimizer, reads no data. Model fields are checked when the model is built (the first thing a
+    run does, before it writes anything)."""
+    from nlcl.config_checks import check_declared_options, check_environment
+    from nlcl.models import model_names
+    from nlcl.plugins import load_plugins
+
+    validate_static(cfg)
+    load_plugins(list(cfg.get("plugins") or []))  # plugin modules may register streams and models checked below
+    check_declared_options(cfg)
     _check_task(cfg.task)
     if "_target_" in cfg.model:
         _check_target("model", cfg.model, ("name",))

@@ -1,7 +1,7 @@
 """Checks that close the gaps types alone leave open: no silent wrong configs.
 
-`check_all(cfg)` runs after the schema checks of `nlcl.config.validate` and refuses, naming the
-field and what it accepts:
+`check_static(cfg)` (no torch, no Lightning: the CLI runs it first) and `check_declared_options(cfg)`
+(against the builders) refuse, naming the field and what it accepts:
 - unknown top-level keys (`+sed=3`), with "did you mean" from the allowed names;
 - a value whose type is not the declared one: no float or bool where an int is meant, no string
   where a list is meant (the declared type is the builder's annotation, else the type the field has
@@ -95,21 +95,33 @@ def _want(kind: str) -> str:
         kind, kind.replace("Sequence", "a list of").replace("[", " ").replace("]", ""))
 
 
+def check_annotated(section: str, kinds: dict, options: dict) -> None:
+    """Each option against `kinds`: {parameter name: annotation text, or None where there is none}."""
+    for key, value in options.items():
+        if key not in kinds:
+            continue
+        kind = kinds[key]
+        if kind is None:
+            if key.endswith("per_class") and value is not None and not _is_int(value):
+                _fail(f"{section}.{key}: expected an integer, got {value!r}")
+            continue
+        if not _matches(value, kind):
+            _fail(f"{section}.{key}: expected {_want(kind)}, got {value!r}")
+
+
 def check_declared(section: str, fn, options: dict) -> None:
     """Each option against the annotation of `fn`'s parameter of that name."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return
-    for key, value in options.items():
-        p = params.get(key)
-        if p is None or p.annotation is inspect.Parameter.empty:
-            if key.endswith("per_class") and value is not None and not _is_int(value):
-                _fail(f"{section}.{key}: expected an integer, got {value!r}")
-            continue
-        kind = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
-        if not _matches(value, kind):
-            _fail(f"{section}.{key}: expected {_want(kind)}, got {value!r}")
+    check_annotated(section, {k: annotation_text(p) for k, p in params.items()}, options)
+
+
+def annotation_text(p: inspect.Parameter) -> str | None:
+    if p.annotation is inspect.Parameter.empty:
+        return None
+    return p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
 
 
 def _yaml_type_problem(given, default) -> str | None:
@@ -270,26 +282,53 @@ def check_environment(cfg: DictConfig) -> None:
     _check_accelerator(cfg)
 
 
-def check_all(cfg: DictConfig) -> None:
-    """Everything in the module docstring; raises ConfigError naming the field."""
-    from nlcl.strategies import STRATEGIES
-    from nlcl.streams import STREAMS
+def _no_gpu_device_files() -> bool:
+    """True when this machine certainly has no GPU torch could use: none of the device files the
+    NVIDIA, ROCm or WSL drivers create exists. Lets a refused accelerator cost no torch import."""
+    dev = Path("/dev")
+    return dev.is_dir() and not any(dev.glob("nvidia*")) and not (dev / "kfd").exists() and not (dev / "dxg").exists()
 
+
+def check_static(cfg: DictConfig) -> None:
+    """Every check that needs no builder (stream, model, strategy, optimizer): the config's own
+    types against the group's YAML, ranges, top-level keys, run_dir, and an accelerator this machine
+    has no device for. It imports neither torch nor Lightning, so most bad values are refused at once;
+    `nlcl.config.validate` adds the checks against the builders' signatures."""
     _check_top_level(cfg)
     _check_trainer_types(cfg)
     task = _plain(cfg.task)
-    stream = STREAMS.get(task.get("stream"))
     options = {k: v for k, v in task.items() if k not in ("stream", "first_experiences", "validation_per_class", "token_dir")}
-    if stream is not None:
-        check_declared("task", stream, options)
+    if "_target_" not in task:  # a built-in stream's annotations, read from its source (no import)
+        from nlcl.stream_signatures import stream_parameters
+
+        kinds = stream_parameters(task.get("stream"))
+        if kinds is not None:
+            check_annotated("task", kinds, options)
     check_like_file("task", options, file_defaults("task", task.get("stream"), key="stream"))
     check_ranges("task", options)
     strategy = _plain(cfg.strategy)
-    if strategy.get("name") in STRATEGIES:
-        check_declared("strategy", STRATEGIES[strategy["name"]], {k: v for k, v in strategy.items() if k != "name"})
     check_like_file("strategy", strategy, file_defaults("strategy", strategy.get("name")))
     check_ranges("strategy", {k: v for k, v in strategy.items() if k != "name"})
     optim = _plain(cfg.optim)
     check_like_file("optim", optim, file_defaults("optim", optim.get("name")))
     check_ranges("optim", {k: v for k, v in optim.items() if k != "name"})
     _check_model(_plain(cfg.model))
+    _check_run_dir(cfg)
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and _no_gpu_device_files():
+        _fail(f"trainer.accelerator: '{cfg.trainer.accelerator}' but this machine has no CUDA GPU "
+              "(use trainer.accelerator=cpu or auto)")
+
+
+def check_declared_options(cfg: DictConfig) -> None:
+    """Task and strategy options against the annotations of their builders (imports them)."""
+    from nlcl.strategies import STRATEGIES
+    from nlcl.streams import STREAMS
+
+    task = _plain(cfg.task)
+    stream = STREAMS.get(task.get("stream"))
+    if stream is not None:
+        check_declared("task", stream, {k: v for k, v in task.items()
+                                        if k not in ("stream", "first_experiences", "validation_per_class", "token_dir")})
+    strategy = _plain(cfg.strategy)
+    if strategy.get("name") in STRATEGIES:
+        check_declared("strategy", STRATEGIES[strategy["name"]], {k: v for k, v in strategy.items() if k != "name"})

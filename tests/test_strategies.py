@@ -422,3 +422,62 @@ def test_derpp_memory_takes_token_batches_of_any_trimmed_width():
     for row, label in zip(x, y):
         w = widths[int(label)]
         assert torch.all(row[:w] == label + 1) and torch.all(row[w:] == 0)
+
+
+def _fisher_by_hand(model, data, seen, batch_size):
+    """The empirical Fisher written out independently of nlcl: for each batch in order, the
+    gradient of the cross-entropy over the seen classes' logits (plain autograd on a copy of the
+    model), squared elementwise, averaged over batches."""
+    import copy
+
+    model = copy.deepcopy(model).eval()
+    seen = torch.tensor(sorted(seen))
+    remap = {int(c): j for j, c in enumerate(seen)}
+    sums = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    batches = 0
+    for start in range(0, len(data), batch_size):
+        xs, ys = zip(*(data[i] for i in range(start, min(start + batch_size, len(data)))))
+        x, y = torch.stack(xs), torch.tensor([remap[int(t)] for t in ys])
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x)[:, seen], y).backward()
+        for k, p in model.named_parameters():
+            sums[k] += p.grad * p.grad
+        batches += 1
+    return {k: s / batches for k, s in sums.items()}
+
+
+def test_ewc_fisher_and_penalty_equal_an_independent_computation(stream):
+    """Fisher = mean over batches of squared batch gradients, penalty = lambda/2 sum F (theta - theta*)^2,
+    both computed here without nlcl's code; online F after experience 1 = decay F_0 + F_1. A plain L2
+    penalty (weights of one) or |g| in place of g^2 gives other numbers and fails this test."""
+    ewc = EWC(ewc_lambda=7.0, decay_factor=0.3, fisher_batch_size=16)
+    learner = make_learner(ewc)
+    run_experience(learner, stream, 0, ewc)
+    expected0 = _fisher_by_hand(learner.model, stream.experiences[0].train, stream.classes_seen(0), 16)
+    assert set(expected0) == set(ewc.fisher)
+    for k, f in expected0.items():
+        assert torch.allclose(ewc.fisher[k], f, rtol=1e-5, atol=1e-10), k
+    # the estimate is not flat: weighting by ones instead would be a different penalty
+    flat = torch.cat([f.flatten() for f in expected0.values()])
+    assert flat.max() > 10 * flat[flat > 0].min()
+
+    anchor = {k: p.detach().clone() for k, p in learner.model.named_parameters()}
+    run_experience(learner, stream, 1, ewc)
+    # the penalty at the parameters after experience 1, against the anchor of experience 0
+    ewc_after_1 = {k: p.detach().clone() for k, p in learner.model.named_parameters()}
+    expected1 = _fisher_by_hand(learner.model, stream.experiences[1].train, stream.classes_seen(1), 16)
+    for k in expected0:
+        assert torch.allclose(ewc.fisher[k], 0.3 * expected0[k] + expected1[k], rtol=1e-5, atol=1e-10), k
+        assert torch.equal(ewc.anchor[k], ewc_after_1[k])
+
+    # penalty against a known anchor and Fisher: move the parameters by a known amount
+    ewc.anchor, ewc.fisher = anchor, expected0
+    by_hand = 0.5 * 7.0 * sum((expected0[k] * (ewc_after_1[k] - anchor[k]) ** 2).sum() for k in anchor)
+    plain_l2 = 0.5 * 7.0 * sum(((ewc_after_1[k] - anchor[k]) ** 2).sum() for k in anchor)
+    got = ewc.penalty(learner.model)
+    assert by_hand > 0 and torch.allclose(got, by_hand, rtol=1e-5)
+    assert not torch.allclose(got, plain_l2, rtol=1e-2)
+    # and its gradient is lambda F (theta - theta*), the pull the optimizer sees
+    grads = torch.autograd.grad(got, list(learner.model.parameters()))
+    for (k, _), g in zip(learner.model.named_parameters(), grads):
+        assert torch.allclose(g, 7.0 * expected0[k] * (ewc_after_1[k] - anchor[k]), rtol=1e-4, atol=1e-12), k

@@ -3,7 +3,9 @@
 Every numeric, list or boolean field of every option of the task, model, strategy, optim and
 trainer groups gets a fixed set of bad values, then the bad overrides a fault campaign found
 silent or crashing are tried by name. Each try is classified: refused naming the field, refused
-without naming it, traceback (any other exception), or silent (accepted).
+without naming it, traceback (any other exception), or silent (accepted). A try refused by
+`validate_static` (or by composing) is also counted as "before torch": the CLI refuses those
+without importing torch or Lightning, in about a second.
 
     PYTHONPATH=$PWD python tests/campaigns/config_campaign.py
 """
@@ -14,7 +16,7 @@ from collections import Counter
 from omegaconf import OmegaConf
 
 sys.path.insert(0, ".")
-from nlcl.config import ConfigError, compose, validate  # noqa: E402
+from nlcl.config import ConfigError, compose, validate, validate_static  # noqa: E402
 from nlcl.config_checks import POSITIVE, ZERO_ALLOWED  # noqa: E402
 from tests.test_config_fuzz import FIELDS, base  # noqa: E402
 
@@ -29,6 +31,16 @@ def bad_for(v):
     if isinstance(v, list):
         return ["18", 7, [float("nan")], [-1]]
     return []
+
+
+
+def before_torch(make_cfg) -> bool:
+    try:
+        validate_static(make_cfg())
+    except ConfigError:
+        return True
+    return False
+
 
 stats, examples = Counter(), {}
 for group, option, path, value in FIELDS:
@@ -47,8 +59,10 @@ for group, option, path, value in FIELDS:
         except Exception:  # noqa: BLE001 - counted, that is the point
             kind = "traceback"
         stats[kind] += 1
+        if kind == "refused by name":
+            stats["of which before torch"] += before_torch(lambda: cfg)
         examples.setdefault(kind, []).append(f"{group}={option} {path}={bad!r}")
-print("generated:", dict(stats), "tries", sum(stats.values()))
+print("generated:", dict(stats), "tries", sum(v for k, v in stats.items() if k != "of which before torch"))
 for k in ("silent", "traceback", "refused without the field"):
     print(k, examples.get(k, [])[:10])
 
@@ -69,10 +83,11 @@ for ov in NAMED:
         kind = "silent"
     except ConfigError as e:
         kind = "refused by name" if str(e).startswith(field) else "refused without the field"
+        named["of which before torch"] += kind == "refused by name" and before_torch(lambda: compose(ovs))
         if kind != "refused by name":
             print("  ", ov, "->", e)
     except Exception as e:  # noqa: BLE001
         kind = "traceback"
         print("  traceback", ov, type(e).__name__, e)
     named[kind] += 1
-print("named in the issue:", dict(named), "tries", sum(named.values()))
+print("named in the issue:", dict(named), "tries", sum(v for k, v in named.items() if k != "of which before torch"))
