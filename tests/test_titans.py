@@ -1,5 +1,4 @@
 """Titans neural-memory layer: causality, batch independence, gradients everywhere, it learns."""
-import time
 
 import pytest
 import torch
@@ -95,7 +94,6 @@ def test_tiny_model_overfits_tiny_batch(memory):
                           Titans(TitansConfig(d_model=d, n_heads=2, chunk_size=8, memory=memory)),
                           nn.Linear(d, vocab))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    start = time.perf_counter()
     losses = []
     for _ in range(150):
         loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
@@ -103,7 +101,5 @@ def test_tiny_model_overfits_tiny_batch(memory):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    elapsed = time.perf_counter() - start
     assert losses[0] > 2.0            # about log(12) = 2.48 at the start
     assert min(losses[-10:]) < 0.2    # memorised the 64 next-token targets
-    assert elapsed < 20
