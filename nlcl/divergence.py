@@ -21,6 +21,8 @@ import math
 import lightning as L
 import torch
 
+from nlcl import distributed as D
+
 
 class Diverged(RuntimeError):
     """Training produced a non-finite value; `info` says where (for results.json)."""
@@ -33,7 +35,7 @@ class Diverged(RuntimeError):
 def describe(info: dict) -> str:
     what = info["kind"] + (f" '{info['term']}'" if info.get("term") else "") + \
         (f" of level '{info['level']}'" if info.get("level") else "")
-    where = f"experience {info['experience']}, step {info['step']}"
+    where = f"experience {info['experience']}, step {info['step']}" + (f", rank {info['rank']}" if "rank" in info else "")
     losses = info.get("losses") or {}
     shown = ", ".join(f"{k}={v}" for k, v in losses.items())
     return f"diverged at {where}: non-finite {what}" + (f" (loss terms: {shown})" if shown else "")
@@ -117,7 +119,22 @@ class DivergenceGuard(L.Callback):
         self.check(learner)
 
     def check(self, learner) -> None:
-        """The one host sync: raise `Diverged` if any step so far, or the parameters now, were not finite."""
+        """The one host sync: raise `Diverged` if any step so far, or the parameters now, were not
+        finite. With several processes every rank decides together (one small all-reduce, at a
+        step every rank reaches): a value that went non-finite on one rank only (its own loss term,
+        or steps a 16-bit grad scaler skipped elsewhere) stops every rank, and no rank is left
+        waiting in the next step's gradient all-reduce for a rank that stopped."""
+        info = self._problem(learner)
+        if D.active():
+            flag = torch.tensor([0 if info is None else 1])
+            if int(D.all_reduce_sum_([flag])[0]):
+                found = [dict(i, rank=r) for r, i in enumerate(D.all_gather_objects(info)) if i is not None]
+                info = min(found, key=lambda i: (i["step"], i["rank"]))  # the earliest, as one rank saw it
+        if info is not None:
+            raise Diverged(info)
+
+    def _problem(self, learner) -> dict | None:
+        """What this process saw: the first non-finite step it recorded, else a non-finite parameter."""
         first = int(self._first_step)
         if first >= 0:
             flags = self._first_flags.tolist()
@@ -129,12 +146,12 @@ class DivergenceGuard(L.Callback):
                 info = {"kind": "loss", "term": bad_terms[0], "level": bad_levels[0] if bad_levels else None}
             else:
                 info = {"kind": "gradient", "term": None, "level": bad_levels[0]}
-            raise Diverged({**info, "experience": learner.experience, "step": first, "losses": losses,
-                            "non_finite_terms": bad_terms, "non_finite_levels": bad_levels})
+            return {**info, "experience": learner.experience, "step": first, "losses": losses,
+                    "non_finite_terms": bad_terms, "non_finite_levels": bad_levels}
         device = self._step.device
         for level, ps in self.levels.items():
             if not bool(_all_finite(list(ps), device)):
-                raise Diverged({"kind": "parameter", "term": None, "level": level, "experience": learner.experience,
-                                "step": learner.total_steps, "losses": {}, "non_finite_terms": [],
-                                "non_finite_levels": [level]})
-
+                return {"kind": "parameter", "term": None, "level": level, "experience": learner.experience,
+                        "step": learner.total_steps, "losses": {}, "non_finite_terms": [],
+                        "non_finite_levels": [level]}
+        return None

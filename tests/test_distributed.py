@@ -138,3 +138,19 @@ def test_nlcl_run_keeps_the_typed_command_for_lightning_to_start_the_other_ranks
     assert main(["run", *args]) == 0
     assert distributed.RELAUNCH_ARGV == ["/venv/bin/nlcl", "run", *args]
     assert "devices: 2" in capsys.readouterr().out
+
+
+def test_a_divergence_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
+    """Rank 1 alone sees a non-finite loss at step 3 (the guard checks every 4 steps): both ranks
+    must stop at the same check, each naming step 3 on rank 1, and exit with code 3. Before the
+    ranks decided together, rank 0 went on into the next step's collective and died there in gloo's
+    "Connection closed by peer" traceback (exit 1, measured); NCCL would wait there until its
+    timeout, which the subprocess timeout below would catch."""
+    run_dir = tmp_path / "poisoned"
+    overrides = [*_overrides(run_dir, "naive", 2), "trainer.log_every=4"]
+    proc = _launch([{"overrides": overrides, "poison": [1, 3]}], timeout=300)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = {r: json.loads(Path(f"{run_dir}.diverged.rank{r}.json").read_text()) for r in (0, 1)}
+    for info in said.values():
+        assert (info["step"], info["rank"], info["kind"], info["term"]) == (3, 1, "loss", "task"), info
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())

@@ -481,3 +481,47 @@ def test_ewc_fisher_and_penalty_equal_an_independent_computation(stream):
     grads = torch.autograd.grad(got, list(learner.model.parameters()))
     for (k, _), g in zip(learner.model.named_parameters(), grads):
         assert torch.allclose(g, 7.0 * expected0[k] * (ewc_after_1[k] - anchor[k]), rtol=1e-4, atol=1e-12), k
+
+
+# ---------------------------------------------------------------------------------------------
+# loss values written out (tests added for surviving mutants of a mutation run, docs/reliability.md)
+
+
+def test_derpp_loss_is_alpha_mse_on_stored_logits_plus_beta_masked_ce(stream):
+    """Every memory row is the same (x, y, logits), so whatever rows the draws pick the loss is
+    alpha * MSE(model(x), stored) + beta * CE over the seen classes, computed here by hand."""
+    derpp = DERPlusPlus(mem_size=4, replay_batch_size=3, alpha=0.3, beta=0.7)
+    learner = make_learner(derpp)
+    learner.start_experience(1, stream.classes_seen(1))
+    data = stream.experiences[0].train
+    x0, y0 = data.x[:1], data.y[:1]
+    stored = torch.linspace(-2.0, 2.0, NUM_CLASSES)[None]
+    for _ in range(4):
+        derpp.add(x0, y0, stored)
+    out = learner(x0)
+    seen = torch.tensor(stream.classes_seen(1))
+    mse = ((out - stored) ** 2).mean()
+    target = int((seen == y0[0]).nonzero()[0, 0])  # y0's position among the seen classes
+    ce = torch.nn.functional.cross_entropy(out[:, seen], torch.tensor([target]))
+    got = derpp.extra_loss(learner, (data.x[:2], data.y[:2]), learner(data.x[:2]))
+    assert mse > 0.1 and ce > 0.1
+    assert torch.allclose(got, 0.3 * mse + 0.7 * ce, rtol=1e-5)
+    # the batch just seen waits for the end of the step to enter the memory, with its logits
+    assert derpp.n_seen == 4
+    derpp.on_train_batch_end(None, learner, None, None, 0)
+    assert derpp.n_seen == 6
+
+
+def test_lwf_term_is_alpha_times_the_distillation_weighted_by_the_batch_share(stream):
+    lwf = LwF(alpha=0.25, temperature=2.0)
+    learner = make_learner(lwf)
+    learner.start_experience(1, stream.classes_seen(1))
+    lwf.before_experience(learner, stream, 1)
+    x = stream.experiences[1].train.x[:8]
+    student = learner(x).detach() + torch.linspace(0, 1, NUM_CLASSES)  # away from the teacher
+    plain = distillation_loss(student, lwf.teacher(x), torch.tensor(stream.classes_seen(0)), 2.0)
+    assert plain > 1e-4
+    learner.batch_scale = 1.0
+    assert torch.allclose(lwf.extra_loss(learner, (x, None), student), 0.25 * plain)
+    learner.batch_scale = 0.5  # this rank's share of the global batch (see Learner._batch_scale)
+    assert torch.allclose(lwf.extra_loss(learner, (x, None), student), 0.125 * plain)
