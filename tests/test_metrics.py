@@ -408,3 +408,41 @@ def test_dist_reduction_keeps_recorded_cells():
     b = torch.tensor([[0.1, float("nan")], [0.5, 0.2], [float("nan")] * 2])
     out = _keep_recorded(torch.stack([a, b]))
     torch.testing.assert_close(out, b, equal_nan=True)
+
+
+# --- added for surviving mutants of the mutation run (docs/reliability.md) ----------------------
+
+
+def test_all_metrics_passes_lower_is_better_to_every_direction_dependent_metric():
+    """Perplexity matrices (lower is better): all_metrics must hand the direction to every metric
+    that depends on it; each value equals that metric called on its own, and the direction-free
+    ones are the same either way."""
+    ppl = [[50.0, 60.0, 70.0], [20.0, 55.0, 65.0], [30.0, 18.0, 60.0], [45.0, 25.0, 15.0]]
+    joint = [19.0, 17.0, 14.0]
+    low, high = M.all_metrics(ppl, joint, higher_is_better=False), M.all_metrics(ppl, joint, higher_is_better=True)
+    for name in ("bwt", "bwt_all_pairs", "fwt", "forgetting_max", "forgetting_first", "rem", "bwt_plus"):
+        assert low[name] == pytest.approx(getattr(M, name)(ppl, False)), name
+        assert low[name] != pytest.approx(high[name]), name  # the direction matters for this matrix
+    per_task = M.intransigence_per_task(ppl, joint, False)
+    assert low["intransigence"] == pytest.approx(per_task.mean()) and low["intransigence_last"] == pytest.approx(per_task[-1])
+    assert low["intransigence"] != pytest.approx(high["intransigence"])
+    for name in ("acc_final", "acc_avg_incremental", "learning_accuracy", "accuracy_lower_triangle"):
+        assert low[name] == high[name]
+
+
+def test_keep_recorded_keeps_negative_and_missing_values():
+    # ranks hold the same value where one recorded it and nan elsewhere; a score may be negative
+    stacked = torch.tensor([[[-2.0, float("nan")], [float("nan"), 0.5]],
+                            [[float("nan"), float("nan")], [float("nan"), 0.5]]], dtype=torch.float64)
+    out = _keep_recorded(stacked)
+    assert out[0, 0] == -2.0 and out[1, 1] == 0.5 and out[0, 1].isnan() and out[1, 0].isnan()
+
+
+def test_accuracy_matrix_of_one_experience_keeps_float64_values():
+    m = M.AccuracyMatrix(1)
+    m.update(0, [1 / 3])
+    m.update(1, [2 / 3])
+    R = m.compute()
+    assert R.dtype == torch.float64 and R[0, 0].item() == 1 / 3 and R[1, 0].item() == 2 / 3
+    with pytest.raises(ValueError, match="num_experiences"):
+        M.AccuracyMatrix(0)

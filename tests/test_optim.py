@@ -584,3 +584,22 @@ def test_dgd_outer_averages_inputs_over_the_period_of_a_slow_level():
     eta = lr / (1 + lr * x_bar @ x_bar)
     expected = W0 - eta * torch.outer(W0 @ x_bar, x_bar) - eta * grad_sum
     torch.testing.assert_close(model[0].weight.detach(), expected)
+
+
+def test_m3_stabilized_is_m3_with_ema_moments():
+    """m3_ema builds M3Stabilized: its steps are M3(variant="ema")'s exactly, and not the literal's."""
+    torch.manual_seed(0)
+    grads = [torch.randn(3, 4, dtype=torch.float64) for _ in range(6)]
+    W0 = torch.randn(3, 4, dtype=torch.float64)
+    out = {}
+    for name, make in (("stabilized", lambda p: M3Stabilized([p], lr=0.01, frequency=2, ns_dtype=torch.float64)),
+                       ("ema", lambda p: M3([p], lr=0.01, frequency=2, variant="ema", ns_dtype=torch.float64)),
+                       ("literal", lambda p: M3([p], lr=0.01, frequency=2, variant="literal", ns_dtype=torch.float64))):
+        p = nn.Parameter(W0.clone())
+        opt = make(p)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        out[name] = p.detach()
+    torch.testing.assert_close(out["stabilized"], out["ema"], rtol=0, atol=0)
+    assert not torch.allclose(out["stabilized"], out["literal"])

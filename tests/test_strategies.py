@@ -412,7 +412,7 @@ def test_derpp_memory_takes_token_batches_of_any_trimmed_width():
     """Batches are trimmed to their longest sequence, so widths vary from batch to batch (a CLINC150 run
     used to fail at its first narrower batch); the memory keeps the widest width, right-padded."""
     derpp = DERPlusPlus(mem_size=8)
-    derpp.pad_id = 0
+    derpp.pad_id = 9  # the stream's pad id, not 0 (a mutant padding with 0 survived this test once)
     widths = [5, 3, 7, 4]
     for k, w in enumerate(widths):
         x = torch.full((3, w), k + 1)
@@ -421,7 +421,7 @@ def test_derpp_memory_takes_token_batches_of_any_trimmed_width():
     assert x.shape == (8, 7)
     for row, label in zip(x, y):
         w = widths[int(label)]
-        assert torch.all(row[:w] == label + 1) and torch.all(row[w:] == 0)
+        assert torch.all(row[:w] == label + 1) and torch.all(row[w:] == 9)
 
 
 def _fisher_by_hand(model, data, seen, batch_size):
@@ -525,3 +525,35 @@ def test_lwf_term_is_alpha_times_the_distillation_weighted_by_the_batch_share(st
     assert torch.allclose(lwf.extra_loss(learner, (x, None), student), 0.25 * plain)
     learner.batch_scale = 0.5  # this rank's share of the global batch (see Learner._batch_scale)
     assert torch.allclose(lwf.extra_loss(learner, (x, None), student), 0.125 * plain)
+
+
+def _token_stream(pad_id=7):
+    """2 experiences of token sequences whose widths differ between experiences."""
+    def data(width, label):
+        return TensorPairDataset(torch.full((3, width), label + 1, dtype=torch.long), torch.full((3,), label))
+    exps = [Experience(0, "short", [0], data(2, 0), data(2, 0)), Experience(1, "long", [1], data(5, 1), data(5, 1))]
+    return TaskStream("tokens", exps, 2, vocab_size=10, pad_id=pad_id).validate()
+
+
+@pytest.mark.parametrize("strategy", [Joint(), Cumulative()])
+def test_joint_and_cumulative_pad_token_experiences_with_the_streams_pad_id(strategy):
+    data = strategy.train_dataset(_token_stream(pad_id=7), 0 if isinstance(strategy, Joint) else 1)
+    assert data.x.shape == (6, 5)
+    short = data.x[data.y == 0]
+    assert torch.all(short[:, :2] == 1) and torch.all(short[:, 2:] == 7)
+
+
+class _Plugged(Strategy):
+    name = "plugged"
+
+    def __init__(self, weight: float = 1.0):
+        self.weight = weight
+
+
+def test_build_strategy_by_target_returns_the_plugin_and_refuses_a_non_strategy():
+    from nlcl.plugins import PluginError
+
+    s = build_strategy("plugged", _target_=f"{__name__}._Plugged", weight=2.5)
+    assert type(s) is _Plugged and s.weight == 2.5
+    with pytest.raises(PluginError, match=r"strategy._target_: torch.nn.Identity returned Identity, not a"):
+        build_strategy("x", _target_="torch.nn.Identity")

@@ -158,10 +158,6 @@ class MultiFrequencyOptimizer(torch.optim.Optimizer):
     def level_params(self, level: str) -> list[torch.Tensor]:
         return [p for g in self.inner[level].param_groups for p in g["params"]]
 
-    def due_levels(self, step: int) -> list[str]:
-        """Levels whose period ends at (1-based) step `step`."""
-        return [level for level, spec in self.levels.items() if step % spec.period == 0]
-
     def subscribe(self, callback: Callable[[list[str], int], None]) -> None:
         """Call `callback(levels_that_stepped, step_count)` after every step (also with an empty list)."""
         self._subscribers.append(callback)
