@@ -364,7 +364,7 @@ def test_signed_eigenvalues_span_minus_one_to_alpha(retention, objective):
         layer = extreme_gates(make_layer(retention=retention, inner_objective=objective), erase_logit=logit)
         gen = layer.generate(x)
         alpha = gen.log_alpha.exp()
-        eig = transition_eigenvalue(layer.cfg, gen.eta, alpha, gen.erase)
+        eig = transition_eigenvalue(alpha, gen.erase)
         top = alpha
         assert (eig > -1).all() and (eig <= top + 1e-12).all()
         if near_minus_one:
@@ -388,7 +388,7 @@ def test_negative_eigenvalues_reachable_from_init():
     from nlcl.models.self_modifying_titans import transition_eigenvalue
 
     gen = layer.generate(x)
-    eig = transition_eigenvalue(layer.cfg, gen.eta, gen.log_alpha.exp(), gen.erase)
+    eig = transition_eigenvalue(gen.log_alpha.exp(), gen.erase)
     assert 0.2 < eig.mean().item() < 0.8  # the middle of (-1, 1), not an edge
     layer(x).square().mean().backward()
     assert layer.memories["erase"].b.grad.abs().max() > 0
@@ -399,7 +399,7 @@ def test_negative_eigenvalues_reachable_from_init():
     layer(x)
     stats = layer.mechanism_stats()
     gen = layer.generate(x)
-    expected = (transition_eigenvalue(layer.cfg, gen.eta, gen.log_alpha.exp(), gen.erase) < 0).float().mean().item()
+    expected = (transition_eigenvalue(gen.log_alpha.exp(), gen.erase) < 0).float().mean().item()
     assert stats["negative_eigenvalue_fraction"] > 0.5
     assert abs(stats["negative_eigenvalue_fraction"] - expected) < 1e-6
 

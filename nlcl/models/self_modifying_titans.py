@@ -431,10 +431,10 @@ def erase_strength(cfg: SelfModifyingTitansConfig, eta: Tensor, alpha: Tensor, r
     return (1 + alpha) * torch.sigmoid(raw[..., 0])
 
 
-def transition_eigenvalue(cfg: SelfModifyingTitansConfig, eta: Tensor, alpha: Tensor, erase: Optional[Tensor]) -> Tensor:
+def transition_eigenvalue(alpha: Tensor, erase: Optional[Tensor]) -> Tensor:
     """Eigenvalue along k of one token's in-chunk transition of W2, alpha - erase (alpha under plain
     GD): exactly what the chunk recurrence multiplies the state by (its gradients are fixed at the
-    chunk start). `eta` is unused and kept for a uniform signature."""
+    chunk start)."""
     return alpha if erase is None else alpha - erase
 
 
@@ -626,7 +626,7 @@ class SelfModifyingTitans(nn.Module):
     @torch.no_grad()
     def _record_mechanism_stats(self, gen: Generated, batch: int, T: int) -> None:
         alpha = gen.log_alpha.exp()
-        eigen = transition_eigenvalue(self.cfg, gen.eta, alpha, gen.erase)
+        eigen = transition_eigenvalue(alpha, gen.erase)
         values = {"eta": gen.eta, "alpha": alpha, "eigenvalue": eigen}
         if gen.erase is not None:
             values["erase"] = gen.erase
