@@ -1,5 +1,6 @@
 """Token corpora on disk: the tokenise step, lazy windows, a real run, and resident memory that stays
 flat while a corpus many times larger than the allowed growth streams through the training loader."""
+import ctypes
 import gc
 import json
 
@@ -19,8 +20,19 @@ from nlcl.streams.token_files import (TokenWindows, read_header, token_files_str
 MiB = 2**20
 
 
+def _malloc_trim():
+    """Hand the C allocator's freed pages back to the system (glibc), so a resident-set figure counts
+    what the process holds, not what earlier tests' freed buffers left cached in the heap."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure is only less exact
+        pass
+
+
 def rss_bytes() -> int:
-    """Resident set of this process (anonymous and file-backed pages), from /proc."""
+    """Resident set of this process (anonymous and file-backed pages), from /proc, after the
+    allocator's freed pages are handed back."""
+    _malloc_trim()
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("VmRSS:"):

@@ -32,7 +32,9 @@ from .token_files import TokenRows, write_token_file
 
 STORE_FORMAT = "nlcl-token-stream-1"
 MANIFEST = "stream.json"
-CHUNK_ROWS = 4096  # rows converted and written at a time: the writer never copies a whole split
+# tokens converted and written at a time (8 MiB as int64): the writer never copies a whole split, and
+# its buffers stay small whatever the row length
+CHUNK_TOKENS = 1 << 20
 # the stream's plain fields, saved and restored as they are
 STREAM_FIELDS = ("name", "num_classes", "input_kind", "vocab_size", "pad_id", "class_names", "scenario",
                  "objective", "metric_name", "higher_is_better")
@@ -46,12 +48,16 @@ def store_key(task_options: dict) -> str:
 
 
 def _row_chunks(dataset):
-    """(x rows, y rows) of a dataset, CHUNK_ROWS at a time, from tensors or from a lazy `slice`."""
-    for start in range(0, len(dataset), CHUNK_ROWS):
-        if hasattr(dataset, "slice"):
-            yield dataset.slice(start, start + CHUNK_ROWS)
+    """(x rows, y rows) of a dataset, about CHUNK_TOKENS tokens at a time, from tensors or from a lazy
+    `slice`."""
+    lazy = hasattr(dataset, "slice")
+    row_len = int((dataset.slice(0, 1)[0] if lazy else dataset.x).shape[-1]) if len(dataset) else 1
+    rows = max(1, CHUNK_TOKENS // max(row_len, 1))
+    for start in range(0, len(dataset), rows):
+        if lazy:
+            yield dataset.slice(start, start + rows)
         else:
-            yield dataset.x[start:start + CHUNK_ROWS], dataset.y[start:start + CHUNK_ROWS]
+            yield dataset.x[start:start + rows], dataset.y[start:start + rows]
 
 
 def save_rows(dataset, directory: Path, stem: str, vocab_size: int, pad_id: int) -> dict:
