@@ -70,8 +70,9 @@ Choices the paper leaves open (and why):
     eta = eta_max, static k and v (100 at 512), a looser l2norm, and erase at its top with eta_max
     0.12 at chunk 16; the same draws stay small only with both gates moderate. A bound by
     construction would need gates (or a truncated backward across chunks) that keep the tangent
-    dynamics contractive, at a cost to parity, which needs eigenvalues near -1; not done. Trained models sit inside the range (the
-    default-gate gradient test below stays small over 2,048 tokens; no formal-language run diverged).
+    dynamics contractive, at a cost to parity, which needs eigenvalues near -1; not done. Trained
+    models sit inside the range (the default-gate gradient test below stays small over 2,048 tokens;
+    no formal-language run diverged).
   * Inner gradient. `l2`: grad of 1/2 ||M(k) - v_hat||^2; `dot`: grad of -<M(k), v_hat> (Eq. 92
     with its sign corrected). v_hat is a constant target *inside* the inner gradient (Eq. 93), but
     nothing is detached for the outer gradient: it flows through v_hat, through every write, into
