@@ -69,9 +69,12 @@ def test_chunk_parallel_equals_sequential_switches(switches):
     assert rel_err(layer(x), reference_forward(layer, x)) < 1e-10
 
 
-def test_outer_gradients_equal_sequential():
-    """The writes are differentiable in both forms, and the gradients agree (not just values)."""
-    layer = make_layer(chunk_size_memory=4, chunk_size_other=3, momentum=True, adaptive_q=True)
+@pytest.mark.parametrize("window", [None, 12])
+def test_outer_gradients_equal_sequential(window):
+    """The writes are differentiable in both forms, and the gradients agree (not just values), also
+    with the outer gradient truncated across windows (12 tokens: 3 main chunks, 4 other chunks)."""
+    layer = make_layer(chunk_size_memory=4, chunk_size_other=3, momentum=True, adaptive_q=True,
+                       backward_window=window)
     x, w = inputs(), inputs(seed=2)
     params = list(layer.parameters())
     chunked = torch.autograd.grad((layer(x) * w).sum(), params)
@@ -453,6 +456,47 @@ def test_writes_stay_bounded_at_the_largest_gates(chunk, length, objective):
     assert torch.isfinite(y).all() and y.abs().max() < 10
 
 
+def test_backward_window_cuts_only_the_gradient():
+    """Same outputs; gradients differ from the full backward (the cut acts) and every parameter,
+    the initial states included, still gets one."""
+    x, w = inputs(length=40), inputs(length=40, seed=2)
+    full = make_layer(chunk_size_memory=4, chunk_size_other=4)
+    cut = make_layer(chunk_size_memory=4, chunk_size_other=4, backward_window=8)
+    y_full, y_cut = full(x), cut(x)
+    assert rel_err(y_cut, y_full) < 1e-12
+    g_full = torch.autograd.grad((y_full * w).sum(), list(full.parameters()))
+    g_cut = torch.autograd.grad((y_cut * w).sum(), list(cut.parameters()))
+    names = [n for n, _ in full.named_parameters()]
+    differ = {n for n, a, b in zip(names, g_full, g_cut) if rel_err(b, a) > 1e-6}
+    assert {"memories.k.w2", "memories.eta.b", "memories.memory.w1"} <= differ
+    assert all(g.abs().sum() > 0 for g, n in zip(g_cut, names) if not n.startswith("memories.alpha"))
+    # shorter than one window: nothing is cut
+    short = inputs(length=8)
+    a = torch.autograd.grad(full(short).sum(), list(full.parameters()))
+    b = torch.autograd.grad(cut(short).sum(), list(cut.parameters()))
+    assert max(rel_err(p, q) for p, q in zip(b, a) if q.abs().sum() > 0) < 1e-12
+
+
+@pytest.mark.parametrize("chunk,window,length", [(16, 32, 8192), (1, 16, 512)])
+def test_gradients_stay_bounded_at_the_largest_gates_with_a_backward_window(chunk, window, length):
+    """float32, eta = eta_max, erase at the top of its range, no retention: with the full backward
+    the outer gradient explodes (first assertion, chunk 16 over 1,024 tokens); truncated across
+    windows it stays finite and small at any length (it no longer compounds over the sequence)."""
+    def grads(window, length, seed):
+        torch.manual_seed(0)
+        cfg = SelfModifyingTitansConfig(d_model=32, n_heads=2, chunk_size_memory=chunk, chunk_size_other=chunk,
+                                        retention=False, backward_window=window)
+        layer = extreme_gates(SelfModifyingTitans(cfg), eta_logit=30.0, erase_logit=30.0)
+        torch.manual_seed(seed)
+        y = layer(torch.randn(1, length, 32))
+        gs = torch.autograd.grad(y.square().mean(), list(layer.parameters()), allow_unused=True)
+        return max(g.abs().max().item() if torch.isfinite(g).all() else math.inf for g in gs if g is not None)
+
+    if chunk == 16:
+        assert grads(None, 1024, seed=0) > 1e3  # the explosion the window removes
+    assert grads(window, length, seed=0) < 10.0
+
+
 @pytest.mark.parametrize("objective", ["l2", "dot"])
 def test_gradients_stay_bounded_at_the_defaults_on_long_sequences(objective):
     """At the default gates the outer gradient through 2,048 tokens (256 chunks of the other
@@ -464,3 +508,10 @@ def test_gradients_stay_bounded_at_the_defaults_on_long_sequences(objective):
     assert torch.isfinite(y).all() and y.abs().max() < 10
     for g in grads:
         assert g is None or (torch.isfinite(g).all() and g.abs().max() < 1.0)
+
+
+@pytest.mark.parametrize("window,field", [(0, "backward_window"), (12, "chunk_size_memory"), (8.0, "backward_window"),
+                                          (True, "backward_window")])
+def test_backward_window_is_validated(window, field):
+    with pytest.raises(ValueError, match=f"model.memory.{field}"):
+        SelfModifyingTitansConfig(d_model=16, n_heads=2, backward_window=window)
