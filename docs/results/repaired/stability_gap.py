@@ -43,7 +43,7 @@ def table(runs: list[dict]) -> str:
         if r.get("curves"):
             groups.setdefault(name_of(r), []).append(gap_of_run(r["curves"]))
     lines = ["| model/strategy | n | gap (points of accuracy on old experiences) | recovery by the experience's end | "
-             "evaluations after the start to the lowest point | curve points per run |", "|---|---|---|---|---|---|"]
+             "steps from the first evaluation in the experience to the lowest point | curve points per run |", "|---|---|---|---|---|---|"]
     for name, gs in sorted(groups.items()):
         cells = []
         for key in ("gap", "recovery"):
@@ -70,11 +70,10 @@ def figure(runs: list[dict], path: Path) -> Path | None:
         n = min(len(cs) for cs in curve_sets)
         first = np.mean([[c["scores"][0] for c in cs[:n]] for cs in curve_sets], 0)
         ax.plot(steps[:n], 100 * first, label=f"{name} (n={len(curve_sets)})")
-    boundaries = [c["step"] for c in curve_sets[0] if c is not curve_sets[0][0]]
-    exps = [c["experience"] for c in curve_sets[0]]
-    for i in range(1, len(exps)):
-        if exps[i] != exps[i - 1]:
-            ax.axvline(boundaries[i - 1], color="0.85", lw=0.8, zorder=0)
+    points = curve_sets[0]
+    for before, after in zip(points, points[1:]):
+        if after["experience"] != before["experience"]:  # an experience boundary between two evaluations
+            ax.axvline((before["step"] + after["step"]) / 2, color="0.85", lw=0.8, zorder=0)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("accuracy on experience 0 (%)")
     ax.legend()
