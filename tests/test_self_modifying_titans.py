@@ -69,10 +69,11 @@ def test_chunk_parallel_equals_sequential_switches(switches):
     assert rel_err(layer(x), reference_forward(layer, x)) < 1e-10
 
 
-@pytest.mark.parametrize("window", [None, 12])
+@pytest.mark.parametrize("window", [None, 12, 5])
 def test_outer_gradients_equal_sequential(window):
     """The writes are differentiable in both forms, and the gradients agree (not just values), also
-    with the outer gradient truncated across windows (12 tokens: 3 main chunks, 4 other chunks)."""
+    with the outer gradient truncated across windows (12 tokens: 3 main chunks, 4 other chunks; 5:
+    no multiple of either chunk size, so each phase cuts at its first boundary after 5, 10, ...)."""
     layer = make_layer(chunk_size_memory=4, chunk_size_other=3, momentum=True, adaptive_q=True,
                        backward_window=window)
     x, w = inputs(), inputs(seed=2)
@@ -510,8 +511,16 @@ def test_gradients_stay_bounded_at_the_defaults_on_long_sequences(objective):
         assert g is None or (torch.isfinite(g).all() and g.abs().max() < 1.0)
 
 
-@pytest.mark.parametrize("window,field", [(0, "backward_window"), (12, "chunk_size_memory"), (8.0, "backward_window"),
-                                          (True, "backward_window")])
-def test_backward_window_is_validated(window, field):
-    with pytest.raises(ValueError, match=f"model.memory.{field}"):
+@pytest.mark.parametrize("window", [0, -64, 8.0, True, "64"])
+def test_backward_window_is_validated(window):
+    with pytest.raises(ValueError, match="model.memory.backward_window"):
         SelfModifyingTitansConfig(d_model=16, n_heads=2, backward_window=window)
+
+
+def test_cuts_fall_on_the_first_chunk_boundary_after_each_window():
+    from nlcl.models.self_modifying_titans import cuts_after
+
+    ends = lambda C, W, T=40: [e for e in range(C, T + 1, C) if cuts_after(e, C, W)]  # noqa: E731
+    assert ends(8, 16) == [16, 32] and ends(16, 16) == [16, 32]
+    assert ends(3, 5) == [6, 12, 15, 21, 27, 30, 36] and ends(4, 5) == [8, 12, 16, 20, 28, 32, 36, 40]
+    assert ends(64, 16, T=200) == [64, 128, 192] and ends(8, None) == []  # chunks longer than the window: every boundary
