@@ -524,3 +524,17 @@ def test_cuts_fall_on_the_first_chunk_boundary_after_each_window():
     assert ends(8, 16) == [16, 32] and ends(16, 16) == [16, 32]
     assert ends(3, 5) == [6, 12, 15, 21, 27, 30, 36] and ends(4, 5) == [8, 12, 16, 20, 28, 32, 36, 40]
     assert ends(64, 16, T=200) == [64, 128, 192] and ends(8, None) == []  # chunks longer than the window: every boundary
+
+
+def test_default_window_leaves_sequences_of_64_tokens_exact():
+    """The default backward window (64 tokens) cuts nothing in a sequence of 64 tokens: the gradient
+    equals the full backward's exactly; at 80 tokens it differs."""
+    assert SelfModifyingTitansConfig().backward_window == 64
+    grads = {}
+    for window in (64, None):
+        layer = make_layer(seed=3, backward_window=window)  # default chunks 8/16
+        for T in (64, 80):
+            x, w = inputs(length=T, seed=4), inputs(length=T, seed=5)
+            grads[window, T] = torch.autograd.grad((layer(x) * w).sum(), list(layer.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(grads[64, 64], grads[None, 64]))
+    assert max(rel_err(a, b) for a, b in zip(grads[64, 80], grads[None, 80]) if b.abs().sum() > 0) > 1e-6
