@@ -71,11 +71,26 @@ def mechanism(runs: list[dict]) -> str:
     return "; ".join(out) or "-"
 
 
-def rows_of(row: str, new_runs: list[dict], old: pd.DataFrame | None, metrics: list[str]) -> list[str]:
+def load_diverged(run_dir: Path) -> dict | None:
+    """A diverged run's identity (model, strategy, variant, seed) from its results.json."""
+    import json
+
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def rows_of(row: str, new_runs: list[dict], old: pd.DataFrame | None, metrics: list[str],
+            diverged: list[dict]) -> list[str]:
     groups: dict[str, list[dict]] = {}
     for r in new_runs:
         groups.setdefault(group_name(r), []).append(r)
-    out = []
+    lost: dict[str, list[str]] = {}
+    for r in diverged:  # never in a mean; named in the row so a reader sees them
+        lost.setdefault(group_name(r), []).append(str(r.get("seed")))
+    out = [f"| {row} | {name} | - | every run diverged | (diverged: seed {', '.join(sorted(seeds))}) | - | - | - |"
+           for name, seeds in sorted(lost.items()) if name not in groups]
     for name, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r.get("seed", 0))
         scale = 1.0 if not rs[0].get("higher_is_better", True) else 100.0  # perplexity stays as is
@@ -90,6 +105,8 @@ def rows_of(row: str, new_runs: list[dict], old: pd.DataFrame | None, metrics: l
         after = [cell([r["metrics"].get(m) for r in rs], scale) for m in metrics]
         seeds = " / ".join(f"{scale * r['metrics'][metrics[0]]:.2f}" for r in rs)
         evidence = mechanism(rs)
+        if name in lost:
+            seeds += f" (diverged: seed {', '.join(sorted(lost[name]))})"
         out.append(f"| {row} | {name} | {before} | {after[0]} (n={len(rs)}) | {seeds} | "
                    + " | ".join(after[1:] + ["-"] * (2 - len(after[1:]))) + f" | {evidence} |")
     return out
@@ -114,7 +131,8 @@ if __name__ == "__main__":
                                 + "\n![stability gap](stability_gap.png)\n\n# nlcl report\n", 1)
         (out / row / "report.md").write_text(text)
         old = pd.read_csv(HERE.parent / old_dir / "runs.csv") if old_dir else None
-        lines += rows_of(row, rep.runs, old, metrics)
+        diverged = [load_diverged(Path(r["run_dir"])) for r in rep.left_out if r["status"] == "diverged"]
+        lines += rows_of(row, rep.runs, old, metrics, [d for d in diverged if d])
     table = "\n".join(lines) + "\n"
     (out / "report.md").write_text((HERE / "report_head.md").read_text().replace("{{TABLE}}", table))
     print(table)
