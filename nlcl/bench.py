@@ -49,8 +49,11 @@ def build_lm(family: str, vocab: int, d_model: int, n_layers: int, n_heads: int,
 
 
 def bench_one(family: str, T: int, batch: int, d_model: int, n_layers: int, n_heads: int, vocab: int,
-              steps: int, warmup: int, device: str, dtype: str | None, extra: dict, threads: int | None = None) -> dict:
-    """One row, in the calling process. dtype: None (fp32) or 'bf16' (autocast)."""
+              steps: int, warmup: int, device: str, dtype: str | None, extra: dict, threads: int | None = None,
+              compile: bool = False) -> dict:
+    """One row, in the calling process. dtype: None (fp32) or 'bf16' (autocast). `compile`: every
+    self-modifying Titans layer of the model runs its chunk steps through torch.compile
+    (`model.memory.compile`); the warm-up steps pay the compilation, the timed steps do not."""
     from nlcl.flops import count_flops
     from nlcl.models import count_parameters
 
@@ -61,6 +64,13 @@ def bench_one(family: str, T: int, batch: int, d_model: int, n_layers: int, n_he
     rss_idle = _resident_gb("VmRSS")
     torch.manual_seed(0)
     model = build_lm(family, vocab, d_model, n_layers, n_heads, extra).to(device)
+    compiled_layers = 0
+    if compile:
+        from nlcl.models.self_modifying_titans import SelfModifyingTitans
+
+        for layer in model.modules():
+            if isinstance(layer, SelfModifyingTitans):
+                layer.cfg.compile, compiled_layers = True, compiled_layers + 1
     n_params = count_parameters(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(1, vocab, (batch, T + 1), device=device)
@@ -94,14 +104,21 @@ def bench_one(family: str, T: int, batch: int, d_model: int, n_layers: int, n_he
         peak_gb = None if hwm is None or rss_idle is None else hwm - rss_idle
         memory_kind = "cpu_peak_rss_above_idle_process"
     # counted after timing (the dispatch mode slows the step down); the optimizer step is elementwise
+    # (eager: a dispatch mode and compiled frames do not mix, and the count is of the same formula)
+    compiled = [m for m in model.modules() if getattr(getattr(m, "cfg", None), "compile", False)]
+    for m in compiled:
+        m.cfg.compile = False
     flops = count_flops(forward_backward)
+    for m in compiled:
+        m.cfg.compile = True
     opt.zero_grad(set_to_none=True)
     tokens = batch * T
     tokens_per_s = tokens * steps / elapsed
     return {"family": family, "T": T, "batch": batch, "n_params": n_params, "tokens_per_s": tokens_per_s,
             "cpu_tokens_per_s": tokens * steps / cpu_elapsed if cpu_elapsed > 0 else None,
             "step_ms": 1000 * elapsed / steps, "flops_per_token": flops / tokens,
-            "achieved_flops": flops / tokens * tokens_per_s, "peak_memory_gb": peak_gb, "memory_kind": memory_kind}
+            "achieved_flops": flops / tokens * tokens_per_s, "peak_memory_gb": peak_gb, "memory_kind": memory_kind,
+            "compiled_layers": compiled_layers}
 
 
 def _child(queue, kwargs):
@@ -175,6 +192,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--extra", default="{}", help='JSON of per-family model fields, e.g. {"hope": {"cms": {"periods": [1]}}}')
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the self-modifying Titans chunk steps (model.memory.compile); needs --warmup >= 1")
     args = ap.parse_args(argv)
     if args.dtype not in ("auto", "bf16", "fp32"):
         ap.error(f"--dtype must be bf16, fp32 or auto, got {args.dtype!r}")
@@ -182,6 +201,8 @@ def main(argv: list[str]) -> int:
         extra = json.loads(args.extra)
     except json.JSONDecodeError as e:
         ap.error(f"--extra is not valid JSON: {e}")
+    if args.compile and args.warmup < 1:
+        ap.error("--compile needs --warmup >= 1: the first step compiles, and it must not be timed")
     seq_lens = [int(t) for t in args.seq_lens.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,7 +213,7 @@ def main(argv: list[str]) -> int:
     peak = measured_matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
            "torch": torch.__version__, "dtype": dtype or "fp32", "d_model": args.d_model, "layers": args.layers,
-           "heads": args.heads, "vocab": args.vocab, "matmul_peak_flops": peak}
+           "heads": args.heads, "vocab": args.vocab, "matmul_peak_flops": peak, "compile": args.compile}
     print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({env['device']}, {env['dtype']})", flush=True)
     rows = []
     for T in seq_lens:
@@ -200,7 +221,7 @@ def main(argv: list[str]) -> int:
             rows.append(bench_isolated(family=family, T=T, batch=max(1, args.tokens_per_step // T), d_model=args.d_model,
                                        n_layers=args.layers, n_heads=args.heads, vocab=args.vocab, steps=args.steps,
                                        warmup=args.warmup, device=args.device, dtype=dtype, extra=extra,
-                                       threads=args.threads))
+                                       threads=args.threads, compile=args.compile))
             if "error" not in rows[-1]:
                 rows[-1]["fraction_of_peak"] = rows[-1]["achieved_flops"] / peak
             table = format_table(rows, peak).splitlines()  # ratios need the Transformer++ row of this T

@@ -51,3 +51,19 @@ def test_bench_end_to_end_writes_one_row_per_family(tmp_path, capsys):
         assert r["flops_per_token"] > 0 and r["peak_memory_gb"] > 0 and r["cpu_tokens_per_s"] > 0
         assert r["fraction_of_peak"] == r["achieved_flops"] / peak
     assert "MFLOP/tok" in capsys.readouterr().out
+
+
+def test_bench_compile_flag_compiles_every_self_modifying_layer_and_needs_a_warmup(tmp_path):
+    """--compile: both Hope layers run compiled (batch 2, T 40, d 16: the shapes of
+    tests/test_compiled_chunks.py, so Inductor's cache usually serves it); FLOPs are the eager count."""
+    eager = bench_one("hope", 40, 2, 16, 2, 2, 64, steps=1, warmup=0, device="cpu", dtype=None, extra={})
+    row = bench_one("hope", 40, 2, 16, 2, 2, 64, steps=1, warmup=1, device="cpu", dtype=None, extra={}, compile=True)
+    from nlcl.models import self_modifying_titans as smt
+
+    assert eager["compiled_layers"] == 0 and row["compiled_layers"] == 2
+    assert smt._COMPILE_FAILED == [] and smt.generation_chunk in smt._COMPILED  # it did run compiled
+    assert row["flops_per_token"] == eager["flops_per_token"] and row["tokens_per_s"] > 0
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--families", "hope", "--compile", "--warmup", "0", "--out", str(tmp_path / "x.json")])

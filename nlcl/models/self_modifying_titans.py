@@ -75,7 +75,9 @@ Choices the paper leaves open (and why):
     gradient can compound over one window only, never over the sequence. Measured at the largest
     gates (float32, d=32, 3 draws, largest |grad|, default chunks 8/16): full backward 0.4-1e8 at
     1,024 tokens; window 32: 0.46-3.1 at 1,024 and 0.12-0.76 at 4,096 tokens; window 64: up to 1.2e3;
-    window 16 (chunk 1): below 3 at 1,024 and 4,096. Default 64 tokens, because training does reach
+    window 16 (chunk 1): below 3 at 1,024 and 4,096 on one machine, but 0.3-27
+    over 10 draws of 512 tokens on another CPU (float32 rounding: float64 gave 0.4-3.6); window 8 (chunk 1)
+    0.04-0.11. Default 64 tokens, because training does reach
     those gates: on Tiny Shakespeare bytes (T = 128, lr 3e-3, 256 steps) the full backward diverged
     (non-finite gradient) on seeds 1 and 2 at steps 146 and 40, with a layer at eta = eta_max and
     erase at its top, and on MAD in-context recall (seed 0) at step 167; with a window of 64 both LM
@@ -96,6 +98,15 @@ Choices the paper leaves open (and why):
     to 0 for every sequence. `momentum=False` ("w/o momentum") is Eq. 88 exactly. The gate is a
     static projection as in Titans, not a self-modifying memory. Default off: nlcl's Hope is Eq. 88.
   * eta, alpha and erase memories read the key path's input u_k (no extra projections).
+  * `compile` (off by default). On the CPU the layer's cost is the number of small operators per
+    chunk, not arithmetic (docs/speed.md). With `compile=True` every full-length chunk step of both
+    phases (reads, gates, inner gradients, writes) runs through `torch.compile`, which fuses those
+    operators into a few generated loops, forward and backward; same formula, so the values agree
+    with eager to float32 rounding (tested). Compiling costs about a minute or two per distinct
+    shape on this CPU (once per process, less with Inductor's on-disk cache), so it pays on runs of
+    many steps, not on short ones. Only training forwards (grad enabled) use it: evaluation and the
+    ragged last chunk of a sequence stay eager, so they cost no extra compilation. Where compiling
+    fails (no C++ compiler, an unsupported backend), the layer warns once and runs eager.
 
 Stability is tested in float32 at the largest eta and erase the parametrisation allows, chunks 1
 and 16, on long random sequences: outputs finite and bounded always, gradients with a backward window.
@@ -137,6 +148,7 @@ class SelfModifyingTitansConfig:
     backward_window: Optional[int] = 64  # tokens; outer gradient truncated across windows ("Bounded writes"); null: full
     alpha_init: float = 0.99  # alpha at initialisation (through the alpha memory's bias)
     norm_eps: float = 1e-6
+    compile: bool = False  # torch.compile the chunk steps of training forwards; see "compile" above
 
     def __post_init__(self):
         for name in ("d_model", "n_heads", "conv_size", "chunk_size_memory", "chunk_size_other"):
@@ -157,7 +169,7 @@ class SelfModifyingTitansConfig:
         ]:
             if value not in allowed:
                 raise ValueError(f"model.memory.{name} must be one of {allowed}, got {value!r}")
-        for name in ("retention", "momentum", "adaptive_k", "adaptive_v", "adaptive_q"):
+        for name in ("retention", "momentum", "adaptive_k", "adaptive_v", "adaptive_q", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.memory.{name} must be true or false, got {getattr(self, name)!r}")
         if not (math.isfinite(self.eta_max) and 0.0 < self.eta_init < self.eta_max):
@@ -477,10 +489,16 @@ def transition_eigenvalue(alpha: Tensor, erase: Optional[Tensor]) -> Tensor:
 
 
 def causal_depthwise_conv(x: Tensor, weight: Tensor) -> Tensor:
-    """x [B, T, c], weight [c, 1, width]: each channel sees its last `width` inputs."""
-    width = weight.shape[-1]
-    y = F.conv1d(F.pad(x.transpose(1, 2), (width - 1, 0)), weight, groups=x.shape[-1])
-    return y.transpose(1, 2)
+    """x [B, T, c], weight [c, 1, width]: each channel sees its last `width` inputs; the same as
+    F.conv1d(left-padded x, weight, groups=c), written as `width` shifted products because the CPU's
+    depthwise convolution backward took 8% of a Hope training step (tested against conv1d)."""
+    width, T = weight.shape[-1], x.shape[1]
+    padded = F.pad(x, (0, 0, width - 1, 0))  # width - 1 zeros before the first token
+    taps = weight[:, 0].t()  # [width, c]; tap i multiplies the input width - 1 - i tokens back
+    y = padded[:, :T] * taps[0]
+    for i in range(1, width):
+        y = y + padded[:, i : i + T] * taps[i]
+    return y
 
 
 class Generated(NamedTuple):
@@ -497,6 +515,53 @@ class Generated(NamedTuple):
 
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
+
+
+def generation_chunk(layer: "SelfModifyingTitans", state, layout, uq: Tensor, uk: Tensor, uv: Tensor,
+                     log_beta: Optional[Tensor], write: bool):
+    """One chunk of phase 1: reads from the chunk-start state (Eqs. 83-85), the generated q, k, v and
+    gates, then (if `write`) every memory's writes, each regressing M(k) onto its own M(v)."""
+    from nlcl.models.stacked_memories import stacked_chunk_step, stacked_read  # imports this module's math
+
+    raw = stacked_read(state, layout, {"q": uq, "k": uk, "v": uv}, layer.cfg.activation)
+    generated = layer.generated(raw, uq, uk, uv)  # q, k, v, eta, erase, log alpha
+    if write:
+        _, k, v, eta, erase, log_alpha = generated
+        state = stacked_chunk_step(state, layout, k, v, eta, erase, log_alpha, log_beta, layer.cfg)
+    return generated, state
+
+
+def main_memory_chunk(cfg: SelfModifyingTitansConfig, state: MemoryState, q, k, v, eta, erase, log_alpha, log_beta):
+    """One chunk of phase 2: the main memory's reads o_t = M_{t-1}(q_t) and its writes."""
+    state, o = memory_chunk_step(state, k, v, eta, erase, chunk_decay(log_alpha, log_beta), cfg, queries=q)
+    return state, o
+
+
+_COMPILED: dict = {}  # chunk function -> its torch.compile wrapper (one per process, shared by layers)
+_COMPILE_FAILED: list = []  # the first failure's message: from then on everything runs eager
+
+
+def chunk_step(fn, compiled: bool):
+    """`fn` itself, or its compiled form for training forwards (see "compile" in the module notes)."""
+    if not compiled or _COMPILE_FAILED or not torch.is_grad_enabled():
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+
+    def run(*args):
+        if _COMPILE_FAILED:
+            return fn(*args)
+        try:
+            return _COMPILED[fn](*args)
+        except Exception as error:  # a compiler failure, not a numerical one: eager computes the same
+            import warnings
+
+            _COMPILE_FAILED.append(f"{type(error).__name__}: {error}")
+            warnings.warn(f"model.memory.compile: torch.compile failed ({_COMPILE_FAILED[0][:300]}); "
+                          "running the self-modifying Titans chunks eager", RuntimeWarning, stacklevel=2)
+            return fn(*args)
+
+    return run
 
 
 class SelfModifyingTitans(nn.Module):
@@ -593,8 +658,7 @@ class SelfModifyingTitans(nn.Module):
         """Phase 1: run the k/v/q/eta/alpha/erase memories over chunks of chunk_size_other, all of
         them as one stacked state (`nlcl.models.stacked_memories`: one W2 matrix whose row blocks are
         the memories, since they share k, v and the gates)."""
-        from nlcl.models.stacked_memories import (initial_stacked_state, stacked_chunk_step, stacked_layout,
-                                                  stacked_read)  # imports this module's math
+        from nlcl.models.stacked_memories import initial_stacked_state, stacked_layout  # imports this module's math
 
         cfg = self.cfg
         B, T, _ = x.shape
@@ -609,14 +673,11 @@ class SelfModifyingTitans(nn.Module):
         split = lambda t: [None] * n_chunks if t is None else t.split(C, dim=1)  # noqa: E731
         pieces = []
         for i, (uq, uk, uv, lb) in enumerate(zip(split(u_q), split(u_k), split(u_v), split(log_beta))):
-            raw = stacked_read(state, layout, {"q": uq, "k": uk, "v": uv}, cfg.activation)  # Eqs. 83-85
-            q, k, v, eta, erase, log_alpha = self.generated(raw, uq, uk, uv)
-            pieces.append((q, k, v, eta, erase, log_alpha, lb))
-            if i == n_chunks - 1:
-                break  # the last chunk's writes would never be read
-            # writes: every memory regresses M(k) onto its own M(v)
-            state = stacked_chunk_step(state, layout, k, v, eta, erase, log_alpha, lb, cfg)
-            if cuts_after((i + 1) * C, C, cfg.backward_window):
+            last = i == n_chunks - 1  # the last chunk's writes would never be read: no write
+            step = chunk_step(generation_chunk, cfg.compile and not last and uq.shape[1] == C)
+            generated, state = step(self, state, layout, uq, uk, uv, lb, not last)
+            pieces.append((*generated, lb))
+            if not last and cuts_after((i + 1) * C, C, cfg.backward_window):
                 state = truncate_backward(state, start)
         gen = Generated(*(None if p[0] is None else torch.cat(p, dim=1) for p in zip(*pieces)))
         if self.training:
@@ -631,9 +692,9 @@ class SelfModifyingTitans(nn.Module):
         n_chunks = -(-gen.k.shape[1] // C)
         fields = [[None] * n_chunks if t is None else t.split(C, dim=1) for t in gen]  # split once, as in generate
         outs = []
-        for i, (q, k, v, eta, erase, log_alpha, log_beta) in enumerate(zip(*fields)):
-            decay = chunk_decay(log_alpha, log_beta)
-            state, o = memory_chunk_step(state, k, v, eta, erase, decay, cfg, queries=q)
+        for i, chunk in enumerate(zip(*fields)):
+            step = chunk_step(main_memory_chunk, cfg.compile and chunk[0].shape[1] == C)
+            state, o = step(cfg, state, *chunk)
             outs.append(o)
             if cuts_after((i + 1) * C, C, cfg.backward_window):
                 state = truncate_backward(state, start)
