@@ -31,6 +31,17 @@ def test_causal_depthwise_conv_equals_conv1d(width):
     assert torch.autograd.grad(ours[:, 3].sum(), x)[0][:, 4:].abs().sum() == 0
 
 
+def test_titans_conv_is_its_conv1d_module():
+    """Titans keeps its nn.Conv1d (the checkpoint's parameter) and computes it as shifted products."""
+    from nlcl.models.titans import Titans, TitansConfig
+
+    torch.manual_seed(0)
+    layer = Titans(TitansConfig(d_model=16, n_heads=2)).double()
+    qkv = torch.randn(2, 9, layer.conv.in_channels, dtype=torch.float64)
+    expected = layer.conv(qkv.transpose(1, 2))[..., :9].transpose(1, 2)
+    assert rel_err(smt.causal_depthwise_conv(qkv, layer.conv.weight), expected) < 1e-14
+
+
 def pair(**overrides):
     torch.manual_seed(0)
     cfg = dict(d_model=16, n_heads=2) | overrides

@@ -121,6 +121,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nlcl.models.memory import causal_depthwise_conv
+
 
 @dataclass
 class SelfModifyingTitansConfig:
@@ -486,19 +488,6 @@ def transition_eigenvalue(alpha: Tensor, erase: Optional[Tensor]) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # The layer
-
-
-def causal_depthwise_conv(x: Tensor, weight: Tensor) -> Tensor:
-    """x [B, T, c], weight [c, 1, width]: each channel sees its last `width` inputs; the same as
-    F.conv1d(left-padded x, weight, groups=c), written as `width` shifted products because the CPU's
-    depthwise convolution backward took 8% of a Hope training step (tested against conv1d)."""
-    width, T = weight.shape[-1], x.shape[1]
-    padded = F.pad(x, (0, 0, width - 1, 0))  # width - 1 zeros before the first token
-    taps = weight[:, 0].t()  # [width, c]; tap i multiplies the input width - 1 - i tokens back
-    y = padded[:, :T] * taps[0]
-    for i in range(1, width):
-        y = y + padded[:, i : i + T] * taps[i]
-    return y
 
 
 class Generated(NamedTuple):
