@@ -3,7 +3,9 @@
     python docs/results/repaired/make_reports.py runs docs/results/repaired
 
 For every row whose runs exist under RUNS/<row>: nlcl's own report in OUT/<row>/ (its head, the
-commands and hardware, from <row>/head.md here), then one before/after table in OUT/report.md
+commands and hardware, from <row>/head.md here) and the row's lines of the summary table
+(OUT/<row>/summary_rows.md); a row whose runs are not under RUNS keeps its stored lines, so one row
+can be re-run without the others' run folders. Then one before/after table in OUT/report.md
 (from report_head.md, at {{TABLE}}): the new runs against the runs stored with the earlier report
 (docs/results/<old>/runs.csv, same protocol unless the row's head says otherwise), with the
 mechanism telemetry of every Hope-family configuration next to its number.
@@ -112,13 +114,15 @@ def rows_of(row: str, new_runs: list[dict], old: pd.DataFrame | None, metrics: l
     return out
 
 
-if __name__ == "__main__":
-    runs_root, out = Path(sys.argv[1]), Path(sys.argv[2])
+def main(runs_root: Path, out: Path) -> str:
     lines = ["| row | configuration | before: first metric (n) | after: first metric | after, per seed | "
              "after: forgetting_max | after: learning_accuracy | mechanism telemetry (training) |",
              "|---|---|---|---|---|---|---|---|"]
     for row, (old_dir, metrics) in ROWS.items():
+        stored = out / row / "summary_rows.md"  # this row's lines of the table, as last generated
         if not any((runs_root / row).glob("*/results.json")):
+            # a checkout has the reports, not the run folders: keep the row's last generated lines
+            lines += stored.read_text().splitlines() if stored.exists() else []
             continue
         rep = report.build_report([runs_root / row], out / row, metrics=metrics)
         head = HERE / row / "head.md"
@@ -132,7 +136,13 @@ if __name__ == "__main__":
         (out / row / "report.md").write_text(text)
         old = pd.read_csv(HERE.parent / old_dir / "runs.csv") if old_dir else None
         diverged = [load_diverged(Path(r["run_dir"])) for r in rep.left_out if r["status"] == "diverged"]
-        lines += rows_of(row, rep.runs, old, metrics, [d for d in diverged if d])
+        row_lines = rows_of(row, rep.runs, old, metrics, [d for d in diverged if d])
+        stored.write_text("\n".join(row_lines) + "\n")
+        lines += row_lines
     table = "\n".join(lines) + "\n"
     (out / "report.md").write_text((HERE / "report_head.md").read_text().replace("{{TABLE}}", table))
-    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    print(main(Path(sys.argv[1]), Path(sys.argv[2])))
