@@ -455,6 +455,7 @@ def telemetry_frame(runs: list[dict]) -> pd.DataFrame:
 
 
 MECHANISM = ("writes_per_sequence/k", "writes_per_sequence/memory", "writes_per_sequence/memory_refresh",
+             "backward_cuts_per_sequence/generation", "backward_cuts_per_sequence/memory",
              "eta_mean", "eta_min", "eta_max", "alpha_mean", "alpha_min", "alpha_max", "erase_mean",
              "eigenvalue_min", "negative_eigenvalue_fraction")
 
@@ -581,8 +582,9 @@ def build_report(paths, out: Path | None = None, plots: bool = True, metrics: li
     if not mech.empty:
         md.append("\n## Self-modification telemetry (training; mean over experiences and seeds)\n\n"
                   "writes_per_sequence: chunk steps whose writes are read later (k/v/eta/alpha memories), token "
-                  "writes and gradient-point refreshes of the main memory; eigenvalue: W2's transition along "
-                  "k (alpha - erase).\n\n" + markdown_frame(mech))
+                  "writes and gradient-point refreshes of the main memory; backward_cuts_per_sequence: where "
+                  "model.memory.backward_window cut the outer gradient (0: sequences shorter than the window); "
+                  "eigenvalue: W2's transition along k (alpha - erase).\n\n" + markdown_frame(mech))
     files = []
     if plots:
         figs = {"final_metrics.png": fig_final_metrics(agg), "accuracy_matrices.png": fig_accuracy_matrices(runs),

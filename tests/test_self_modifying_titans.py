@@ -422,6 +422,7 @@ def test_telemetry_counts_training_forwards_only():
     stats = layer.mechanism_stats()
     # 3 sequences of 40 tokens (4 writes at chunk 8) and one of 20 (2 writes)
     assert stats["writes_per_sequence/k"] == pytest.approx((3 * 4 + 1 * 2) / 4)
+    assert stats["backward_cuts_per_sequence/generation"] == 0  # 40 tokens: shorter than the 64-token window
     gen = layer.generate(x)
     assert stats["eta_min"] <= gen.eta.min().item() + 1e-6 and stats["eta_max"] >= gen.eta.max().item() - 1e-6
     for key in ("alpha_mean", "erase_mean", "eigenvalue_min", "negative_eigenvalue_fraction"):
@@ -541,3 +542,12 @@ def test_default_window_leaves_sequences_of_64_tokens_exact():
             grads[window, T] = torch.autograd.grad((layer(x) * w).sum(), list(layer.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(grads[64, 64], grads[None, 64]))
     assert max(rel_err(a, b) for a, b in zip(grads[64, 80], grads[None, 80]) if b.abs().sum() > 0) > 1e-6
+
+
+@pytest.mark.parametrize("T,window,generation,memory", [(64, 64, 0, 0), (65, 64, 1, 1), (128, 64, 1, 1),
+                                                          (200, 64, 3, 3), (200, None, 0, 0), (40, 12, 2, 2)])
+def test_backward_cuts_per_sequence_counts_the_cuts_that_act(T, window, generation, memory):
+    """Cuts followed by another chunk (chunks 8/16); with window 12 the generation phase cuts after
+    tokens 16 and 24 and the main memory after 16 and 32, as `cuts_after` places them."""
+    layer = SelfModifyingTitans(SelfModifyingTitansConfig(d_model=16, n_heads=2, backward_window=window))
+    assert layer.backward_cuts_per_sequence(T) == {"generation": generation, "memory": memory}

@@ -706,6 +706,15 @@ class SelfModifyingTitans(nn.Module):
         out["memory_refresh"] = max(math.ceil(T / cfg.chunk_size_memory) - 1, 0)
         return out
 
+    def backward_cuts_per_sequence(self, T: int) -> dict[str, int]:
+        """How often `backward_window` cuts the outer gradient in a sequence of T tokens, per phase
+        (a cut after the last chunk cuts nothing, so it is not counted): 0 says the window is inert."""
+        cfg, out = self.cfg, {}
+        for phase, C in (("generation", cfg.chunk_size_other), ("memory", cfg.chunk_size_memory)):
+            n_chunks = -(-T // C)
+            out[phase] = sum(cuts_after((i + 1) * C, C, cfg.backward_window) for i in range(n_chunks - 1))
+        return out
+
     def reset_mechanism_stats(self) -> None:
         self._stats: dict[str, Tensor] = {}
         self._stat_sequences = 0
@@ -737,18 +746,20 @@ class SelfModifyingTitans(nn.Module):
             else:
                 self._stats[key] = old + value.float()
         self._stat_sequences += batch
-        for name, n in self.writes_per_sequence(T).items():
+        counts = {f"writes_per_sequence/{k}": v for k, v in self.writes_per_sequence(T).items()}
+        counts.update({f"backward_cuts_per_sequence/{k}": v for k, v in self.backward_cuts_per_sequence(T).items()})
+        for name, n in counts.items():
             self._stat_writes[name] = self._stat_writes.get(name, 0) + n * batch
 
     def mechanism_stats(self) -> dict[str, float]:
         """Summary since the last reset (host sync here, at log points only): writes per sequence for
-        each memory, mean/min/max of eta, alpha, erase, the W2 eigenvalue along k (and momentum), and
+        each memory, backward-window cuts per sequence per phase, mean/min/max of eta, alpha, erase, the W2 eigenvalue along k (and momentum), and
         the fraction of (token, head) pairs whose eigenvalue is negative."""
         if not self._stats:
             return {}
         s = {k: float(v) for k, v in self._stats.items()}
         n, tokens = self._stat_sequences, s["tokens"]
-        out = {f"writes_per_sequence/{k}": v / n for k, v in self._stat_writes.items()}
+        out = {k: v / n for k, v in self._stat_writes.items()}
         for name in ("eta", "alpha", "erase", "momentum", "eigenvalue"):
             if f"{name}_sum" in s:
                 out[f"{name}_mean"] = s[f"{name}_sum"] / tokens
