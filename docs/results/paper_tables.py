@@ -27,7 +27,7 @@ PAPER_MAD = {"transformer": [49.4, 100, 47.9, 96.2, 83.7], "titans": [49.8, 100,
 PAPER_ABLATION_PPL = {"hope": 12.24, "gd": 13.41, "momentum": 13.58, "no_retention": 13.71, "no_cms": 13.04,
                       "static_k": 13.77, "static_v": 13.90, "adaptive_q": 12.19}
 ABLATION_LABEL = {"hope": "Hope (DGD, retention, adaptive k and v, static q, CMS 1/8/64, no momentum)",
-                  "gd": "GD instead of DGD", "momentum": "with momentum 0.9 (paper: w/o momentum)",
+                  "gd": "GD instead of DGD", "momentum": "with momentum (paper: w/o momentum)",
                   "no_retention": "w/o retention (alpha = 1)", "no_cms": "w/o CMS",
                   "static_k": "static k", "static_v": "static v", "adaptive_q": "adaptive q (paper: w/o adaptive q)"}
 MODELS = ["lstm", "transformer", "titans", "hope"]

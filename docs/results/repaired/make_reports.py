@@ -53,11 +53,14 @@ def mechanism(runs: list[dict]) -> str:
     fraction of negative transition eigenvalues (first layer, mean over experiences), and the slowest CMS
     level's update count and step size relative to the period-1 level."""
     writes, negative, slow_updates, slow_rel = [], [], [], []
+    memory = "k"
     for r in runs:
         for entry in r.get("mechanism_telemetry") or []:  # one per experience
             layers = entry["layers"]
             first = layers[sorted(layers)[0]]
-            writes.append(first.get("writes_per_sequence/k", float("nan")))
+            # the k memory's writes; the eta memory's where k is static (every generator writes alike)
+            memory = "k" if "writes_per_sequence/k" in first else "eta"
+            writes.append(first.get(f"writes_per_sequence/{memory}", float("nan")))
             negative.append(100 * first.get("negative_eigenvalue_fraction", float("nan")))
         levels = {k: v for k, v in (r.get("level_telemetry") or {}).items() if k.startswith("cms")}
         if levels:
@@ -67,7 +70,7 @@ def mechanism(runs: list[dict]) -> str:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     out = []
     if writes:
-        out.append(f"k writes/seq {mean(writes):.1f}, negative eigenvalues {mean(negative):.1f}%")
+        out.append(f"{memory} writes/seq {mean(writes):.1f}, negative eigenvalues {mean(negative):.1f}%")
     if slow_updates:
         out.append(f"slowest level {mean(slow_updates):.0f} updates, relative step {mean(slow_rel):.2f}")
     return "; ".join(out) or "-"
@@ -133,6 +136,12 @@ def main(runs_root: Path, out: Path) -> str:
             stability_gap.figure(rep.runs, out / row / "stability_gap.png")
             text = text.replace("\n# nlcl report\n", "\n## The gap, measured\n\n" + stability_gap.table(rep.runs)
                                 + "\n![stability gap](stability_gap.png)\n\n# nlcl report\n", 1)
+        if row == "hope_ablations":  # the paper's Table 6 next to ours, paired by seed
+            sys.path.insert(0, str(HERE.parent))
+            import paper_tables  # docs/results/paper_tables.py
+
+            text = text.replace("\n# nlcl report\n", "\n## Against the paper's Table 6\n\n" + paper_tables.ablations(rep.runs)
+                                + "\n# nlcl report\n", 1)
         (out / row / "report.md").write_text(text)
         old = pd.read_csv(HERE.parent / old_dir / "runs.csv") if old_dir else None
         diverged = [load_diverged(Path(r["run_dir"])) for r in rep.left_out if r["status"] == "diverged"]
