@@ -38,9 +38,11 @@ def _cfg(run_dir, *extra):
 
 
 def _sizes(run_dir: Path) -> dict:
-    # the lock file names its current holder (pid, host, time): metadata, not data
+    # the lock file names its current holder (pid, host, time): metadata, not data; a
+    # ".<name>.<random>.tmp" is an atomic write a kill interrupted (its target is intact and the
+    # resume removes it): not data either
     return {str(p.relative_to(run_dir)): p.stat().st_size for p in run_dir.rglob("*")
-            if p.is_file() and p.name != LOCK_NAME}
+            if p.is_file() and p.name != LOCK_NAME and not (p.name.startswith(".") and p.name.endswith(".tmp"))}
 
 
 def _start(run_dir, *extra, epochs=1):
@@ -72,6 +74,7 @@ def test_kill_resume_rerun_never_shrinks_a_file_and_keeps_every_log_line(tmp_pat
     assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == proc.pid
     run(_cfg(run_dir), quiet=True)
     resumed = _sizes(run_dir)
+    assert not list(run_dir.rglob(".*.tmp"))  # an interrupted atomic write's leftover is cleaned up
     run(_cfg(run_dir), quiet=True)  # a re-run of a finished run
     rerun = _sizes(run_dir)
     for before, after in ((killed, resumed), (resumed, rerun)):
