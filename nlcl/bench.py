@@ -64,13 +64,13 @@ def bench_one(family: str, T: int, batch: int, d_model: int, n_layers: int, n_he
     rss_idle = _resident_gb("VmRSS")
     torch.manual_seed(0)
     model = build_lm(family, vocab, d_model, n_layers, n_heads, extra).to(device)
-    compiled_layers = 0
+    compiled = []
     if compile:
         from nlcl.models.self_modifying_titans import SelfModifyingTitans
 
-        for layer in model.modules():
-            if isinstance(layer, SelfModifyingTitans):
-                layer.cfg.compile, compiled_layers = True, compiled_layers + 1
+        compiled = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)]
+        for m in compiled:
+            m.cfg.compile = True
     n_params = count_parameters(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(1, vocab, (batch, T + 1), device=device)
@@ -105,7 +105,6 @@ def bench_one(family: str, T: int, batch: int, d_model: int, n_layers: int, n_he
         memory_kind = "cpu_peak_rss_above_idle_process"
     # counted after timing (the dispatch mode slows the step down); the optimizer step is elementwise
     # (eager: a dispatch mode and compiled frames do not mix, and the count is of the same formula)
-    compiled = [m for m in model.modules() if getattr(getattr(m, "cfg", None), "compile", False)]
     for m in compiled:
         m.cfg.compile = False
     flops = count_flops(forward_backward)
@@ -118,7 +117,7 @@ def bench_one(family: str, T: int, batch: int, d_model: int, n_layers: int, n_he
             "cpu_tokens_per_s": tokens * steps / cpu_elapsed if cpu_elapsed > 0 else None,
             "step_ms": 1000 * elapsed / steps, "flops_per_token": flops / tokens,
             "achieved_flops": flops / tokens * tokens_per_s, "peak_memory_gb": peak_gb, "memory_kind": memory_kind,
-            "compiled_layers": compiled_layers}
+            "compiled_layers": len(compiled)}
 
 
 def _child(queue, kwargs):
