@@ -52,7 +52,7 @@ def bench_one(family: str, T: int, batch: int, d_model: int, n_layers: int, n_he
               steps: int, warmup: int, device: str, dtype: str | None, extra: dict, threads: int | None = None,
               compile: bool = False) -> dict:
     """One row, in the calling process. dtype: None (fp32) or 'bf16' (autocast). `compile`: every
-    self-modifying Titans layer of the model runs its chunk steps through torch.compile
+    self-modifying Titans layer and MLP-memory Titans layer runs its chunk steps through torch.compile
     (`model.memory.compile`); the warm-up steps pay the compilation, the timed steps do not."""
     from nlcl.flops import count_flops
     from nlcl.models import count_parameters
@@ -67,8 +67,10 @@ def bench_one(family: str, T: int, batch: int, d_model: int, n_layers: int, n_he
     compiled = []
     if compile:
         from nlcl.models.self_modifying_titans import SelfModifyingTitans
+        from nlcl.models.titans import Titans
 
-        compiled = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)]
+        compiled = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)
+                    or (isinstance(m, Titans) and m.cfg.memory == "mlp")]  # linear memories stay eager
         for m in compiled:
             m.cfg.compile = True
     n_params = count_parameters(model)
@@ -192,7 +194,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the self-modifying Titans chunk steps (model.memory.compile); needs --warmup >= 1")
+                    help="torch.compile the self-modifying Titans and Titans (MLP memory) chunk steps (model.memory.compile); needs --warmup >= 1")
     args = ap.parse_args(argv)
     if args.dtype not in ("auto", "bf16", "fp32"):
         ap.error(f"--dtype must be bf16, fp32 or auto, got {args.dtype!r}")

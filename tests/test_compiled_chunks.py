@@ -1,12 +1,13 @@
-"""`model.memory.compile`: the self-modifying Titans chunk steps through torch.compile give eager's
-numbers (float32 rounding), fall back to eager where compiling fails, and the shifted-product
-depthwise convolution equals conv1d."""
+"""`model.memory.compile`: the self-modifying Titans and Titans (MLP memory) chunk steps through
+torch.compile give eager's numbers (float32 rounding), fall back to eager where compiling fails, and
+the shifted-product depthwise convolution equals conv1d."""
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nlcl.models import memory as mem
 from nlcl.models import self_modifying_titans as smt
 from nlcl.models.self_modifying_titans import SelfModifyingTitans, SelfModifyingTitansConfig
 
@@ -60,15 +61,15 @@ def test_compiled_chunks_equal_eager_in_float32(monkeypatch):
     """T = 40: generation chunks of 8 (four compiled, the last one eager), main-memory chunks of 16
     (two compiled, a ragged 8 eager), one backward-window cut at 32 tokens; every output and every
     parameter's gradient within float32 rounding of eager."""
-    monkeypatch.setattr(smt, "_COMPILED", {})
-    monkeypatch.setattr(smt, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(mem, "_COMPILED", {})
+    monkeypatch.setattr(mem, "_COMPILE_FAILED", [])
     eager, compiled = pair(backward_window=32)
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(2, 40, 16, generator=g), torch.randn(2, 40, 16, generator=g)
     y_e, g_e = outputs_and_grads(eager, x, w)
     y_c, g_c = outputs_and_grads(compiled, x, w)
-    assert smt._COMPILE_FAILED == []
-    assert set(smt._COMPILED) == {smt.generation_chunk, smt.main_memory_chunk}  # both phases went through it
+    assert mem._COMPILE_FAILED == []
+    assert set(mem._COMPILED) == {smt.generation_chunk, smt.main_memory_chunk}  # both phases went through it
     assert rel_err(y_c, y_e) < 1e-5
     names = [n for n, _ in eager.named_parameters()]
     errors = {n: rel_err(c, e) for n, c, e in zip(names, g_c, g_e) if e is not None and e.norm() > 0}
@@ -79,8 +80,8 @@ def test_compiled_chunks_equal_eager_in_float32(monkeypatch):
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
-    monkeypatch.setattr(smt, "_COMPILED", {})
-    monkeypatch.setattr(smt, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(mem, "_COMPILED", {})
+    monkeypatch.setattr(mem, "_COMPILE_FAILED", [])
 
     def broken_compile(fn, **_):
         def run(*args):
@@ -98,6 +99,34 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     assert rel_err(y, eager(x)) < 1e-6
 
 
+def test_titans_compiled_chunks_equal_eager_in_float32(monkeypatch):
+    """Titans' MLP memory at chunk 16 on T = 40 (three chunks, the last padded): compiled outputs and
+    every parameter's gradient within float32 rounding of eager; evaluation stays eager."""
+    from nlcl.models.titans import Titans, TitansConfig
+
+    monkeypatch.setattr(mem, "_COMPILED", {})
+    monkeypatch.setattr(mem, "_COMPILE_FAILED", [])
+    torch.manual_seed(0)
+    eager = Titans(TitansConfig(d_model=16, n_heads=2, chunk_size=16))
+    compiled = Titans(TitansConfig(d_model=16, n_heads=2, chunk_size=16, compile=True))
+    compiled.load_state_dict(eager.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(2, 40, 16, generator=g), torch.randn(2, 40, 16, generator=g)
+    y_e, g_e = outputs_and_grads(eager, x, w)
+    y_c, g_c = outputs_and_grads(compiled, x, w)
+    assert mem._COMPILE_FAILED == [] and set(mem._COMPILED) == {mem.mlp_memory_chunk}
+    assert rel_err(y_c, y_e) < 1e-5
+    names = [n for n, _ in eager.named_parameters()]
+    errors = {n: rel_err(c, e) for n, c, e in zip(names, g_c, g_e) if e is not None and e.norm() > 0}
+    assert len(errors) >= 5 and max(errors.values()) < 1e-4, errors
+    with torch.no_grad():
+        assert rel_err(compiled(x), y_e) < 1e-5
+
+
 def test_compile_flag_is_validated():
+    from nlcl.models.titans import TitansConfig
+
     with pytest.raises(ValueError, match="model.memory.compile"):
         SelfModifyingTitansConfig(compile="yes")
+    with pytest.raises(ValueError, match="model.memory.compile"):
+        TitansConfig(d_model=16, n_heads=2, compile="yes")

@@ -55,6 +55,38 @@ def causal_depthwise_conv(x: Tensor, weight: Tensor) -> Tensor:
 # chunking and decay bookkeeping
 
 
+_COMPILED: dict = {}  # chunk function -> its torch.compile wrapper (one per process, shared by layers)
+_COMPILE_FAILED: list = []  # the first failure's message: from then on everything runs eager
+
+
+def chunk_step(fn, compiled: bool):
+    """`fn` itself, or its torch.compile form (fullgraph) when `compiled` and grad is enabled.
+
+    Chunked memories call one function per chunk; on a CPU its cost is the number of small operators,
+    which compiling fuses. Only training forwards compile (evaluation runs eager, so it costs no extra
+    compilation). A compiler failure (no C++ compiler, an unsupported backend) warns once and every
+    later call runs eager: the same formula, so only the speed changes."""
+    if not compiled or _COMPILE_FAILED or not torch.is_grad_enabled():
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+
+    def run(*args):
+        if _COMPILE_FAILED:
+            return fn(*args)
+        try:
+            return _COMPILED[fn](*args)
+        except Exception as error:  # a compiler failure, not a numerical one: eager computes the same
+            import warnings
+
+            _COMPILE_FAILED.append(f"{type(error).__name__}: {error}")
+            warnings.warn(f"model.memory.compile: torch.compile failed ({_COMPILE_FAILED[0][:300]}); "
+                          "running the memory chunks eager", RuntimeWarning, stacklevel=2)
+            return fn(*args)
+
+    return run
+
+
 def _to_chunks(x: Tensor, chunk_size: int, fill: float = 0.0) -> Tensor:
     """[B, H, T, ...] -> [B, H, N, C, ...], padding the tail with `fill`."""
     B, H, T = x.shape[:3]
@@ -427,10 +459,31 @@ def _check_mlp_update(update: str, momentum) -> None:
         raise ValueError("update='dgd' has no momentum form here; pass momentum=None")
 
 
+def mlp_memory_chunk(W1: Tensor, W2: Tensor, S1: Tensor | None, S2: Tensor | None, qn: Tensor, kn: Tensor,
+                     vn: Tensor, lrn: Tensor, wr1: _Writes, wr2: _Writes, ut_n: Tensor | None,
+                     keys2_n: Tensor | None, activation: str, objective: str, update: str):
+    """One chunk of `mlp_memory`: reads of every position, then the chunk-end (W1, W2, S1, S2)."""
+    act, act_grad = _activation(activation)
+    # per-token gradients at the chunk-start weights: dL/dy = e, g1 = e h^T, g2 = d2 k^T
+    z = kn @ W2.mT
+    h = act(z)
+    e = kn + h @ W1.mT - vn if objective == "l2" else -vn
+    d2 = (e @ W1) * act_grad(z)
+    if update == "gd":
+        w2 = -d2
+    else:  # pseudo-values of the W2 delta rule: u = T diag(b) v' - T diag(b Gamma) K W2_0^T, b v' = -eta d2
+        w2 = ut_n @ (-lrn.unsqueeze(-1) * d2) - keys2_n @ W2.mT
+    hq = act(_read(W2, qn, kn, w2, wr2, S2))
+    out = qn + _read(W1, hq, h, -e, wr1, S1)
+    W2, S2 = _end(W2, kn, w2, wr2, S2)
+    W1, S1 = _end(W1, h, -e, wr1, S1)
+    return out, (W1, W2, S1, S2)
+
+
 def mlp_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, chunk_size: int, initial_state: MLPMemoryState,
                momentum: Tensor | None = None, retention: Tensor | None = None, update: str = "gd",
                objective: str = "l2", activation: str = "silu",
-               read_after_write: bool = True) -> tuple[Tensor, MLPMemoryState]:
+               read_after_write: bool = True, compile: bool = False) -> tuple[Tensor, MLPMemoryState]:
     """Residual MLP memory trained in context, per-token gradients g_t at the chunk-start state.
 
     `gd`:  per weight W in {W1, W2}: S_t = momentum_t S_{t-1} - lr_t g_t (no momentum: S_t = -lr_t g_t),
@@ -440,10 +493,10 @@ def mlp_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, chunk_size: int, ini
            W2_t = W2_{t-1}(alpha_t I - eta_t k_t k_t^T) - eta_t g2_t,  W1_t = alpha_t W1_{t-1} - eta_t g1_t.
            W2 is then a gated delta rule (a = alpha, b = eta/alpha, b v' = -eta d2 where g2 = d2 k^T).
     Initial weights may be [H, ...] (a meta-learned initial state shared by the batch) or [B, H, ...].
+    `compile`: each chunk's step runs through torch.compile in grad-enabled forwards (`chunk_step`).
     """
     _check_objective(objective)
     _check_mlp_update(update, momentum)
-    act, act_grad = _activation(activation)
     B, H, T, d = k.shape
     dh = initial_state.w2.shape[-2]
     W1 = initial_state.w1.expand(B, H, d, dh)
@@ -470,21 +523,12 @@ def mlp_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, chunk_size: int, ini
         writes2 = _retention_writes(torch.ones_like(lrc), log_ret, None, read_after_write, T)
 
     outs = []
+    step = chunk_step(mlp_memory_chunk, compile)
     per_chunk = zip(qc.unbind(2), kc.unbind(2), vc.unbind(2), lrc.unbind(2), writes1, writes2, ut, keys2)
     for qn, kn, vn, lrn, wr1, wr2, ut_n, keys2_n in per_chunk:
-        # per-token gradients at the chunk-start weights: dL/dy = e, g1 = e h^T, g2 = d2 k^T
-        z = kn @ W2.mT
-        h = act(z)
-        e = kn + h @ W1.mT - vn if objective == "l2" else -vn
-        d2 = (e @ W1) * act_grad(z)
-        if update == "gd":
-            w2 = -d2
-        else:  # pseudo-values of the W2 delta rule: u = T diag(b) v' - T diag(b Gamma) K W2_0^T, b v' = -eta d2
-            w2 = ut_n @ (-lrn.unsqueeze(-1) * d2) - keys2_n @ W2.mT
-        hq = act(_read(W2, qn, kn, w2, wr2, S2))
-        outs.append(qn + _read(W1, hq, h, -e, wr1, S1))
-        W2, S2 = _end(W2, kn, w2, wr2, S2)
-        W1, S1 = _end(W1, h, -e, wr1, S1)
+        out, (W1, W2, S1, S2) = step(W1, W2, S1, S2, qn, kn, vn, lrn, wr1, wr2, ut_n, keys2_n,
+                                      activation, objective, update)
+        outs.append(out)
     return _from_chunks(torch.stack(outs, 2), T), MLPMemoryState(W1, W2, S1, S2)
 
 

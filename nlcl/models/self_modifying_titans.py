@@ -121,7 +121,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nlcl.models.memory import causal_depthwise_conv
+from nlcl.models.memory import causal_depthwise_conv, chunk_step
 
 
 @dataclass
@@ -524,33 +524,6 @@ def main_memory_chunk(cfg: SelfModifyingTitansConfig, state: MemoryState, q, k, 
     """One chunk of phase 2: the main memory's reads o_t = M_{t-1}(q_t) and its writes."""
     state, o = memory_chunk_step(state, k, v, eta, erase, chunk_decay(log_alpha, log_beta), cfg, queries=q)
     return state, o
-
-
-_COMPILED: dict = {}  # chunk function -> its torch.compile wrapper (one per process, shared by layers)
-_COMPILE_FAILED: list = []  # the first failure's message: from then on everything runs eager
-
-
-def chunk_step(fn, compiled: bool):
-    """`fn` itself, or its compiled form for training forwards (see "compile" in the module notes)."""
-    if not compiled or _COMPILE_FAILED or not torch.is_grad_enabled():
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
-
-    def run(*args):
-        if _COMPILE_FAILED:
-            return fn(*args)
-        try:
-            return _COMPILED[fn](*args)
-        except Exception as error:  # a compiler failure, not a numerical one: eager computes the same
-            import warnings
-
-            _COMPILE_FAILED.append(f"{type(error).__name__}: {error}")
-            warnings.warn(f"model.memory.compile: torch.compile failed ({_COMPILE_FAILED[0][:300]}); "
-                          "running the self-modifying Titans chunks eager", RuntimeWarning, stacklevel=2)
-            return fn(*args)
-
-    return run
 
 
 class SelfModifyingTitans(nn.Module):

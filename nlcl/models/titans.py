@@ -37,10 +37,13 @@ class TitansConfig:
     lr_max: float = 1.0              # theta = lr_max * sigmoid(.)
     read_after_write: bool = True    # y_t = M_t(q_t) (Titans) or M_{t-1}(q_t)
     norm_eps: float = 1e-6
+    compile: bool = False            # torch.compile each chunk step of training forwards (MLP memory)
 
     def __post_init__(self):
         if self.memory not in ("mlp", "linear"):
             raise ValueError(f"TitansConfig.memory must be 'mlp' or 'linear', got '{self.memory}'")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"model.memory.compile must be true or false, got {self.compile!r}")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
@@ -100,8 +103,8 @@ class Titans(nn.Module):
             if cfg.memory == "mlp":
                 o, _ = mlp_memory(f(q), f(k), f(v), f(lr), cfg.chunk_size, MLPMemoryState(f(self.w1), f(self.w2)),
                                   momentum=f(momentum), retention=f(retention), activation=cfg.activation,
-                                  read_after_write=cfg.read_after_write)
-            else:
+                                  read_after_write=cfg.read_after_write, compile=cfg.compile)
+            else:  # the linear memory's chunks are a few matmuls each: left eager
                 o, _ = gd_linear(f(q), f(k), f(v), f(lr), cfg.chunk_size, momentum=f(momentum),
                                  retention=f(retention), initial_state=GDState(f(self.memory_init)),
                                  read_after_write=cfg.read_after_write)
