@@ -69,7 +69,8 @@ def test_compiled_chunks_equal_eager_in_float32(monkeypatch):
     y_e, g_e = outputs_and_grads(eager, x, w)
     y_c, g_c = outputs_and_grads(compiled, x, w)
     assert mem._COMPILE_FAILED == []
-    assert set(mem._COMPILED) == {smt.generation_chunk, smt.main_memory_chunk}  # both phases went through it
+    assert set(mem._COMPILED) == {SelfModifyingTitans.memory_inputs, smt.generation_chunk,
+                                 smt.main_memory_chunk}  # inputs and both phases went through it
     assert rel_err(y_c, y_e) < 1e-5
     names = [n for n, _ in eager.named_parameters()]
     errors = {n: rel_err(c, e) for n, c, e in zip(names, g_c, g_e) if e is not None and e.norm() > 0}
@@ -100,8 +101,9 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
 
 
 def test_titans_compiled_chunks_equal_eager_in_float32(monkeypatch):
-    """Titans' MLP memory at chunk 16 on T = 40 (three chunks, the last padded): compiled outputs and
-    every parameter's gradient within float32 rounding of eager; evaluation stays eager."""
+    """Titans' MLP memory at chunk 16 on T = 40 (three chunks, the last padded): the compiled inputs,
+    decay tables and chunk steps give outputs and every parameter's gradient within float32 rounding
+    of eager; evaluation stays eager."""
     from nlcl.models.titans import Titans, TitansConfig
 
     monkeypatch.setattr(mem, "_COMPILED", {})
@@ -114,7 +116,8 @@ def test_titans_compiled_chunks_equal_eager_in_float32(monkeypatch):
     x, w = torch.randn(2, 40, 16, generator=g), torch.randn(2, 40, 16, generator=g)
     y_e, g_e = outputs_and_grads(eager, x, w)
     y_c, g_c = outputs_and_grads(compiled, x, w)
-    assert mem._COMPILE_FAILED == [] and set(mem._COMPILED) == {mem.mlp_memory_chunk}
+    assert mem._COMPILE_FAILED == []
+    assert set(mem._COMPILED) == {Titans.memory_inputs, mem._retention_fields, mem.mlp_memory_chunk}
     assert rel_err(y_c, y_e) < 1e-5
     names = [n for n, _ in eager.named_parameters()]
     errors = {n: rel_err(c, e) for n, c, e in zip(names, g_c, g_e) if e is not None and e.norm() > 0}

@@ -134,13 +134,23 @@ class _Writes(NamedTuple):
 
 
 def _retention_writes(lr: Tensor, log_retention: Tensor, log_momentum: Tensor | None,
-                      read_after_write: bool, length: int) -> list[_Writes]:
+                      read_after_write: bool, length: int, compile: bool = False) -> list[_Writes]:
     """Coefficients of W_t = r_t W_{t-1} + lr_t w_t x_t^T, or with momentum
     S_t = m_t S_{t-1} + lr_t w_t x_t^T, W_t = r_t W_{t-1} + S_t. Inputs are chunked [B, H, N, C].
 
     The "end" of the last chunk is the last real token (length - 1): padded tokens are not no-ops
     under momentum (M keeps adding S), so they are cut off instead of neutralised.
+    `compile`: the decay tables are built by one compiled function (`chunk_step`).
     """
+    N = lr.shape[-2]
+    fields = chunk_step(_retention_fields, compile)(lr, log_retention, log_momentum, read_after_write, length)
+    # split per chunk once: indexing inside the loop would make autograd scatter into full-size zeros
+    return [_Writes(*per_chunk) for per_chunk in zip(*(_unbind(f, N) for f in fields))]
+
+
+def _retention_fields(lr: Tensor, log_retention: Tensor, log_momentum: Tensor | None,
+                      read_after_write: bool, length: int) -> tuple:
+    """The _Writes fields of every chunk at once, [B, H, N(, C(, C))] (see _retention_writes)."""
     N, C = lr.shape[-2:]
     chunk = torch.arange(N, device=lr.device)
     last = torch.full((N,), C - 1, device=lr.device)
@@ -163,9 +173,7 @@ def _retention_writes(lr: Tensor, log_retention: Tensor, log_momentum: Tensor | 
         state = F.pad(state[..., :-1], (1, 0), value=1.0)
         tokens = F.pad(tokens[..., :-1, :], (0, 0, 1, 0))
         momentum = None if momentum is None else F.pad(momentum[..., :-1], (1, 0))
-    fields = (state, tokens, end_state, end_tokens, momentum, end_momentum, momentum_state, momentum_tokens)
-    # split per chunk once: indexing inside the loop would make autograd scatter into full-size zeros
-    return [_Writes(*per_chunk) for per_chunk in zip(*(_unbind(f, N) for f in fields))]
+    return state, tokens, end_state, end_tokens, momentum, end_momentum, momentum_state, momentum_tokens
 
 
 def _unbind(x: Tensor | None, N: int) -> list:
@@ -510,7 +518,7 @@ def mlp_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, chunk_size: int, ini
     lrc = _to_chunks(lr, chunk_size)
     log_ret = _to_chunks(torch.zeros_like(lr) if retention is None else retention.log(), chunk_size)
     log_mom = None if momentum is None else _to_chunks(momentum.log(), chunk_size)
-    writes1 = _retention_writes(lrc, log_ret, log_mom, read_after_write, T)
+    writes1 = _retention_writes(lrc, log_ret, log_mom, read_after_write, T, compile)
     N = qc.shape[2]
     ut = keys2 = [None] * N
     if update == "gd":
@@ -520,7 +528,7 @@ def mlp_memory(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, chunk_size: int, ini
         ut = _ut_transform(kc, log_ret, b)
         keys2 = (ut @ ((b * log_ret.cumsum(-1).exp()).unsqueeze(-1) * kc)).unbind(2)
         ut = ut.unbind(2)
-        writes2 = _retention_writes(torch.ones_like(lrc), log_ret, None, read_after_write, T)
+        writes2 = _retention_writes(torch.ones_like(lrc), log_ret, None, read_after_write, T, compile)
 
     outs = []
     step = chunk_step(mlp_memory_chunk, compile)

@@ -625,7 +625,8 @@ class SelfModifyingTitans(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         C = cfg.chunk_size_other
-        u_q, u_k, u_v = self.memory_inputs(x)
+        # compiled: projection, shifted-product convolution and SiLU of the three paths fuse
+        u_q, u_k, u_v = chunk_step(SelfModifyingTitans.memory_inputs, cfg.compile)(self, x)
         log_beta = self.momentum_log_gate(u_k)
         layout = stacked_layout(self.other_memory_groups(), cfg.memory_hidden)
         state = start = initial_stacked_state(self.memories, layout, B, cfg.momentum)

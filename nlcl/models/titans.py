@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nlcl.models.memory import GDState, MLPMemoryState, causal_depthwise_conv, gd_linear, mlp_memory
+from nlcl.models.memory import GDState, MLPMemoryState, causal_depthwise_conv, chunk_step, gd_linear, mlp_memory
 
 
 @dataclass
@@ -37,7 +37,7 @@ class TitansConfig:
     lr_max: float = 1.0              # theta = lr_max * sigmoid(.)
     read_after_write: bool = True    # y_t = M_t(q_t) (Titans) or M_{t-1}(q_t)
     norm_eps: float = 1e-6
-    compile: bool = False            # torch.compile each chunk step of training forwards (MLP memory)
+    compile: bool = False            # torch.compile the inputs, decay tables and chunk steps of training forwards (MLP memory)
 
     def __post_init__(self):
         if self.memory not in ("mlp", "linear"):
@@ -83,7 +83,8 @@ class Titans(nn.Module):
         self.gates.weight.mul_(0.1)
         self.gates.bias.copy_(torch.tensor([start[n] for n in self.gate_names]).repeat_interleave(self.cfg.n_heads))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def memory_inputs(self, x: Tensor):
+        """q, k, v [B, H, T, dh] and the gates lr, momentum, retention [B, H, T] (None when off)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, dh = cfg.n_heads, cfg.head_dim
@@ -96,6 +97,15 @@ class Titans(nn.Module):
         lr = cfg.lr_max * torch.sigmoid(gates["lr"])
         momentum = torch.sigmoid(gates["momentum"]) if cfg.momentum else None
         retention = torch.sigmoid(-gates["forget"]) if cfg.weight_decay else None   # 1 - alpha
+        return q, k, v, lr, momentum, retention
+
+    def forward(self, x: Tensor) -> Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, dh = cfg.n_heads, cfg.head_dim
+        # compiled (MLP memory with `compile`): the elementwise work of conv, gates and norms fuses
+        inputs = chunk_step(Titans.memory_inputs, cfg.compile and cfg.memory == "mlp")
+        q, k, v, lr, momentum, retention = inputs(self, x)
 
         # the in-context optimisation runs in float32 even under autocast: long products of decays
         with torch.autocast(device_type=x.device.type, enabled=False):
