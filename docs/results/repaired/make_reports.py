@@ -28,6 +28,11 @@ ROWS = {
     "lm_shakespeare": (None, ["acc_final"]),
     "hope_ablations": ("hope_ablations", ["acc_final"]),
     "stability_gap": (None, ["acc_final", "forgetting_max", "learning_accuracy"]),
+    "tuning_clinc": (None, ["acc_final", "forgetting_max", "learning_accuracy"]),  # validation split
+    "tuning_banking77": (None, ["acc_final", "forgetting_max", "learning_accuracy"]),  # validation split
+    "tuned_clinc": ("clinc_scratch", ["acc_final", "forgetting_max", "learning_accuracy"]),
+    "tuned_banking77": ("banking77_scratch", ["acc_final", "forgetting_max", "learning_accuracy"]),
+    "mad_probe": (None, ["acc_final"]),
 }
 
 
