@@ -33,6 +33,7 @@ ROWS = {
     "tuned_clinc": ("clinc_scratch", ["acc_final", "forgetting_max", "learning_accuracy"]),
     "tuned_banking77": ("banking77_scratch", ["acc_final", "forgetting_max", "learning_accuracy"]),
     "mad_probe": (None, ["acc_final"]),
+    "mad_budget": (None, ["acc_final"]),
 }
 
 
