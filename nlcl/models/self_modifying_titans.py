@@ -304,20 +304,17 @@ def fast_matrix_chunk(
     formula at y = x_i gives a unit lower-triangular system for all r_i at once.
     Returns (W_C, S_C, W_{t-1} y_t for every t)."""
     C = x.shape[1]
-    # eta (and erase) scale the [C, C] coefficient matrices and the inputs x (din wide), never the
-    # gradient vectors u (dout wide, n*hidden rows in the stacked generation state): the same
-    # products, with eta's own gradient a reduction over C or din instead of over dout
-    D_eta_prev = decay.D_prev * eta[:, None, :]  # [N, C, C]: D[t, l] eta_l, l < t
+    u_eta = u * eta[..., None]
 
     def read(y: Tensor, r: Optional[Tensor], yx: Optional[Tensor] = None, y_w0: Optional[Tensor] = None) -> Tensor:
         """W_{t-1} y_t for every t of the chunk: a causally masked matrix product."""
         yx = y @ x.transpose(1, 2) if yx is None else yx  # [N, C, C]
         y_w0 = y @ W0.transpose(1, 2) if y_w0 is None else y_w0
-        out = decay.gamma_prev[..., None] * y_w0 - (D_eta_prev * yx) @ u
+        out = decay.gamma_prev[..., None] * y_w0 - (decay.D_prev * yx) @ u_eta
         if S0 is not None:
             out = out + decay.d0_prev[..., None] * (y @ S0.transpose(1, 2))
         if r is not None:
-            out = out - (decay.G_prev * erase[:, None, :] * yx) @ r
+            out = out - (decay.G_prev * yx) @ (r * erase[..., None])
         return out
 
     r = None
@@ -328,18 +325,15 @@ def fast_matrix_chunk(
         eye = torch.eye(C, dtype=x.dtype, device=x.device)
         r = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
 
-    # state after the chunk: the last row of the unrolled formula. Each token adds u_t along x_t
-    # (weight D[C, t] eta_t) and erases r_t along x_t (weight G[C, t] erase_t): one product takes both
-    x_write = x * (decay.D_last * eta)[..., None]  # [N, C, din]
-    if r is None:
-        W = decay.gamma_last[:, None, None] * W0 - u.transpose(1, 2) @ x_write
-    else:
-        x_erase = x * (decay.G_last * erase)[..., None]
-        W = decay.gamma_last[:, None, None] * W0 - torch.cat([u, r], 1).transpose(1, 2) @ torch.cat([x_write, x_erase], 1)
+    # state after the chunk: the last row of the unrolled formula
+    writes = u_eta * decay.D_last[..., None]  # [N, C, dout]: what each token adds along its x
+    if r is not None:  # and what it erases: both are rank-1 along x_t, so one product takes both
+        writes = writes + r * (decay.G_last * erase)[..., None]
+    W = decay.gamma_last[:, None, None] * W0 - writes.transpose(1, 2) @ x
     S = None
     if S0 is not None:
         W = W + decay.d0_last[:, None, None] * S0
-        S = decay.beta_total[:, None, None] * S0 - u.transpose(1, 2) @ (x * (eta * decay.beta_to_end)[..., None])
+        S = decay.beta_total[:, None, None] * S0 - (u_eta * decay.beta_to_end[..., None]).transpose(1, 2) @ x
 
     reads = read(queries, r) if queries is not None else None
     return W, S, reads
