@@ -34,6 +34,8 @@ ROWS = {
     "tuned_banking77": ("banking77_scratch", ["acc_final", "forgetting_max", "learning_accuracy"]),
     "mad_probe": (None, ["acc_final"]),
     "mad_budget": (None, ["acc_final"]),
+    "lm_lr1e-3": (None, ["acc_final"]),  # the lm_shakespeare row at lower learning rates
+    "lm_lr3e-4": (None, ["acc_final"]),
 }
 
 
