@@ -523,7 +523,9 @@ def md_text(text) -> str:
     import html
 
     one_line = " ".join(str(text).split())
-    return "".join("\\" + c if c in "\\`[]|#" else c for c in html.escape(one_line, quote=True))
+    # quote=False: quotes are plain text here, and an entity such as &#x27; would get its # escaped
+    # below and show up literally in the report
+    return "".join("\\" + c if c in "\\`[]|#" else c for c in html.escape(one_line, quote=False))
 
 
 def md_code(text) -> str:

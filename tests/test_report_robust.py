@@ -61,6 +61,14 @@ def test_names_cannot_write_markup_into_the_report(tmp_path):
     assert rep.runs and all(p.stat().st_size > 0 for p in rep.files)
 
 
+def test_quotes_in_an_error_message_read_as_written():
+    from nlcl.report import md_text
+
+    text = md_text("non-finite gradient of level 'outer' (\"task\")")
+    assert text == "non-finite gradient of level 'outer' (\"task\")"
+    assert md_text("a <b> & # c") == "a &lt;b&gt; &amp; \\# c"
+
+
 def test_a_run_with_non_finite_values_written_by_nlcl_stays_valid_json(tmp_path):
     from nlcl.results import atomic_write_json
 
