@@ -68,3 +68,19 @@ def test_bench_compile_flag_compiles_every_self_modifying_layer_and_needs_a_warm
 
     with pytest.raises(SystemExit):
         main(["--families", "hope", "--compile", "--warmup", "0", "--out", str(tmp_path / "x.json")])
+
+
+def test_the_layer_timing_script_of_docs_speed_runs_runs():
+    """docs/speed_runs/layer_ab.py gives docs/speed.md its layer figures: it must keep running
+    (eager, one timed step, both layers), so the documented commands do not rot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "docs" / "speed_runs" / "layer_ab.py"
+    for extra in ([], ["--titans"]):
+        out = subprocess.run([sys.executable, str(script), "eager", "1", *extra], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = [s for s in out.stdout.splitlines() if "cpu s/step" in s]
+        assert len(line) == 1 and line[0].count(",") == 0 and float(line[0].split("[")[1].rstrip("]")) > 0, out.stdout
